@@ -1,0 +1,31 @@
+"""finercut: fine-grained layer pruning of decoder-only LLMs (FinerCut, arXiv 2405.18218).
+
+Every attention and every FFN sub-layer of every decoder block is a pruning candidate; a greedy search removes,
+one at a time, the one whose removal moves the model's next-token distribution least from the original's.
+
+    import finercut
+    result = finercut.prune(model, tokenizer, ratio=0.25, data_dir="data")   # find what to remove
+    result.removed                                                            # [Unit(block=27, kind='attention'), ...]
+"""
+
+__version__ = "0.1.0"
+
+from finercut.adapters import ADAPTERS, adapter_for, supported_model_types  # noqa: E402
+from finercut.candidates import Unit  # noqa: E402
+from finercut.distances import METRICS  # noqa: E402
+from finercut.masking import masked  # noqa: E402
+from finercut.record import RunConfig  # noqa: E402
+from finercut.run import PruneResult, prune, run_in_folder  # noqa: E402
+
+__all__ = [
+    "ADAPTERS",
+    "METRICS",
+    "PruneResult",
+    "RunConfig",
+    "Unit",
+    "adapter_for",
+    "masked",
+    "prune",
+    "run_in_folder",
+    "supported_model_types",
+]

@@ -1,0 +1,201 @@
+"""Where each architecture keeps its decoder blocks, sub-layers, norms and output head.
+
+This is the only place with per-architecture knowledge. Everything else asks an :class:`ArchitectureAdapter`.
+Sub-layers are skipped by swapping in the parameter-free stand-ins of :mod:`finercut.pruned_modeling`, so every
+block still runs through the architecture's own ``transformers`` forward code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from finercut.pruned_modeling import LAYOUT_FORMAT, LAYOUT_KEY
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no adapter."""
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Module paths of one family of decoder-only architectures.
+
+    Paths are dotted attribute paths: ``blocks``, ``final_norm`` and ``head`` from the ``*ForCausalLM`` model;
+    ``attention``, ``ffn`` and the norm names from one decoder block.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    attention: str
+    attention_norms: tuple[str, ...]
+    ffn: str
+    ffn_norms: tuple[str, ...]
+    final_norm: str
+    head: str
+    layer_idx: str = "layer_idx"
+    num_layers: str = "num_hidden_layers"
+    logit_softcap: str | None = None
+    """Config attribute holding the final-logit soft-capping value (Gemma 2/3), if the family has one."""
+
+    def module_names(self) -> dict[str, Any]:
+        """The layout entry that lets :mod:`finercut.pruned_modeling` find the sub-layers without this registry."""
+        return {
+            "blocks": self.blocks,
+            "attention": self.attention,
+            "attention_norms": list(self.attention_norms),
+            "ffn": self.ffn,
+            "ffn_norms": list(self.ffn_norms),
+            "layer_idx": self.layer_idx,
+            "num_layers": self.num_layers,
+        }
+
+    def blocks_of(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def num_blocks(self, model: nn.Module) -> int:
+        return len(self.blocks_of(model))
+
+    def logits(self, model: nn.Module, block_output: torch.Tensor) -> torch.Tensor:
+        """Output logits from the last block's output.
+
+        Args:
+            block_output: ``[..., hidden]`` residual stream after the last block.
+
+        Returns:
+            ``[..., vocab]`` logits exactly as the model's own forward computes them.
+        """
+        hidden = model.get_submodule(self.final_norm)(block_output)
+        logits = model.get_submodule(self.head)(hidden)
+        cap = getattr(model.config, self.logit_softcap, None) if self.logit_softcap else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def layout(self, model: nn.Module, removed: list[dict[str, Any]]) -> dict[str, Any]:
+        """The pruning layout of ``model`` (dense) with ``removed`` sub-layers, for config and checkpoint."""
+        layer_types = getattr(model.config, "layer_types", None)
+        return {
+            "format": LAYOUT_FORMAT,
+            "base_model_type": model.config.model_type,
+            "modules": self.module_names(),
+            "original_num_blocks": self.num_blocks(model),
+            "original_layer_types": list(layer_types) if layer_types is not None else None,
+            "removed": [dict(entry) for entry in removed],
+        }
+
+    def check_structure(self, model: nn.Module) -> None:
+        """Fail early, with the missing path, if ``model`` does not have the layout this adapter expects."""
+        for path in (self.blocks, self.final_norm, self.head):
+            try:
+                model.get_submodule(path)
+            except AttributeError as error:
+                raise UnsupportedArchitectureError(
+                    f"{type(model).__name__} has no module {path!r} expected by the {self.name} adapter"
+                ) from error
+        blocks = self.blocks_of(model)
+        if len(blocks) == 0:
+            raise UnsupportedArchitectureError(f"{type(model).__name__} has no decoder blocks")
+        for name in (self.attention, self.ffn, *self.attention_norms, *self.ffn_norms):
+            if not hasattr(blocks[0], name):
+                raise UnsupportedArchitectureError(
+                    f"decoder block {type(blocks[0]).__name__} has no sub-module {name!r} expected by the "
+                    f"{self.name} adapter"
+                )
+
+
+def _pre_norm(name: str, model_types: tuple[str, ...], **overrides: Any) -> ArchitectureAdapter:
+    """Llama-style pre-norm blocks: ``h += Attn(norm1 h); h += FFN(norm2 h)``."""
+    fields = dict(
+        name=name,
+        model_types=model_types,
+        blocks="model.layers",
+        attention="self_attn",
+        attention_norms=("input_layernorm",),
+        ffn="mlp",
+        ffn_norms=("post_attention_layernorm",),
+        final_norm="model.norm",
+        head="lm_head",
+    )
+    fields.update(overrides)
+    return ArchitectureAdapter(**fields)
+
+
+_SANDWICH_NORMS = dict(
+    attention_norms=("input_layernorm", "post_attention_layernorm"),
+    ffn_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    logit_softcap="final_logit_softcapping",
+)
+
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (
+    _pre_norm("llama", ("llama",)),
+    _pre_norm("mistral", ("mistral",)),
+    _pre_norm("mixtral", ("mixtral",)),  # ffn = the sparse MoE block (router + experts) as one candidate
+    _pre_norm("qwen2", ("qwen2",)),
+    _pre_norm("qwen3", ("qwen3",)),
+    _pre_norm("gemma", ("gemma",)),
+    _pre_norm("gemma2", ("gemma2",), **_SANDWICH_NORMS),
+    _pre_norm("gemma3", ("gemma3_text",), **_SANDWICH_NORMS),
+    _pre_norm("phi3", ("phi3",)),
+    ArchitectureAdapter(
+        name="gpt2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        attention="attn",
+        attention_norms=("ln_1",),
+        ffn="mlp",
+        ffn_norms=("ln_2",),
+        final_norm="transformer.ln_f",
+        head="lm_head",
+    ),
+    ArchitectureAdapter(
+        # Parallel residual (h + Attn(LN1 h) + FFN(LN2 h)) or sequential, per config.use_parallel_residual: the
+        # stand-ins add zero either way, so a removed sub-layer's term simply drops out of the sum.
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        attention="attention",
+        attention_norms=("input_layernorm",),
+        ffn="mlp",
+        ffn_norms=("post_attention_layernorm",),
+        final_norm="gpt_neox.final_layer_norm",
+        head="lm_head",
+    ),
+)
+
+_BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def adapter_for_config(config: Any) -> ArchitectureAdapter:
+    """The adapter for a ``transformers`` config, or a clear error naming the supported model types.
+
+    A pruned model's config (model type ``finercut_<base>``) maps to its base architecture's adapter.
+    """
+    layout = getattr(config, LAYOUT_KEY, None)
+    model_type = layout["base_model_type"] if isinstance(layout, dict) else getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedArchitectureError(
+            f"model type {model_type!r} has cross-attention; finercut prunes decoder-only causal LMs"
+        )
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r}: finercut has adapters for "
+            f"{', '.join(supported_model_types())}. Add an ArchitectureAdapter to finercut/adapters.py for others."
+        ) from None
+
+
+def adapter_for(model: nn.Module) -> ArchitectureAdapter:
+    """The adapter for a loaded model, after checking the model really has the expected modules."""
+    adapter = adapter_for_config(model.config)
+    adapter.check_structure(model)
+    return adapter

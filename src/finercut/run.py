@@ -1,0 +1,411 @@
+"""Pruning runs: the in-memory API (:func:`prune`) and resumable runs in an output folder (:func:`run_in_folder`).
+
+A folder run validates everything it can before any expensive work or any write, records its progress after
+every step (atomically), resumes from the last finished step when run again, and ends with ``record.json``,
+``layer_map.png`` and the pruned model in ``model/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from finercut import baselines
+from finercut.adapters import ArchitectureAdapter, adapter_for, adapter_for_config
+from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
+from finercut.candidates import Unit, all_units, window_applies
+from finercut.distances import metric_named
+from finercut.modelio import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_source,
+)
+from finercut.plots import plot_layer_map
+from finercut.record import (
+    PROGRESS_FORMAT,
+    RUN_FORMAT,
+    ConfigError,
+    RunConfig,
+    build_record,
+    config_differences,
+    environment_info,
+    read_json,
+    write_json_atomic,
+)
+from finercut.scoring import SCORERS, ScoringContext
+from finercut.search import Step, greedy_search
+
+RUN_FILE = "run.json"
+PROGRESS_FILE = "progress.json"
+RECORD_FILE = "record.json"
+LAYER_MAP_FILE = "layer_map.png"
+MODEL_DIR = "model"
+OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, MODEL_DIR)
+TEST_KILL_ENV = "FINERCUT_TEST_KILL_AT_STEP"
+"""Test hook: SIGKILL this process in the middle of a candidate evaluation of the given step."""
+
+Log = Callable[[str], None]
+
+
+class OutputFolderError(ValueError):
+    """The output folder holds something other than a matching run."""
+
+
+@dataclass
+class PruneResult:
+    """What a pruning run found: the steps in order and the record describing them."""
+
+    steps: list[Step]
+    record: dict
+    output_dir: Path | None = None
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    resumed_steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def removed(self) -> list[Unit]:
+        return [step.unit for step in self.steps]
+
+
+def num_units(num_blocks: int, granularity: str) -> int:
+    return len(all_units(num_blocks, granularity))
+
+
+def planned_evaluations(*, num_blocks: int, config: RunConfig, done: int, target: int) -> int:
+    """Candidate evaluations left, assuming removals come from the window while it applies (for the ETA)."""
+    units = num_units(num_blocks, config.granularity)
+    first = config.first_candidate_block(num_blocks)
+    window_units = units - (first * (units // num_blocks))
+    return sum(
+        (window_units if window_applies(k, units, config.window_until_ratio) else units) - k
+        for k in range(done, target)
+    )
+
+
+def find_steps(
+    context: ScoringContext, config: RunConfig, *, num_blocks: int, target: int, completed: Sequence[Step] = (),
+    on_step: Callable[[Step], None] | None = None, progress: bool = False,
+) -> list[Step]:
+    """Run ``config.method`` on a scoring context: the greedy search for FinerCut, one shot for baselines."""
+    if config.method == "shortgpt":
+        return baselines.shortgpt_steps(context, count=target)
+    if config.method == "deeper_layers":
+        return baselines.deeper_layers_steps(context, count=target)
+    if config.method == "random":
+        return baselines.random_steps(num_blocks, granularity=config.granularity, count=target, seed=config.seed)
+    scorer = SCORERS[config.scorer](context)
+    bar = _progress_bar(num_blocks=num_blocks, config=config, done=len(completed), target=target, enabled=progress)
+    state = {"step": len(completed)}
+
+    def on_candidate(unit: Unit, distance: float) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"step {state['step'] + 1}/{target} cand {unit} d={distance:.3g}", refresh=False)
+
+    def after_step(step: Step) -> None:
+        state["step"] = step.index + 1
+        bar.write(f"step {step.index + 1}/{target}: removed {step.unit} (distance {step.distance:.6g}, "
+                  f"{step.seconds:.1f} s)")
+        if on_step:
+            on_step(step)
+
+    try:
+        return greedy_search(
+            scorer, num_blocks=num_blocks, granularity=config.granularity, target=target,
+            window_until_ratio=config.window_until_ratio, window_first_block=config.first_candidate_block(num_blocks),
+            completed=completed, on_step=after_step, on_candidate=on_candidate,
+        )
+    finally:
+        bar.close()
+
+
+def _progress_bar(*, num_blocks: int, config: RunConfig, done: int, target: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    total = planned_evaluations(num_blocks=num_blocks, config=config, done=done, target=target)
+    return tqdm(total=total, desc="finercut", unit="cand", disable=not enabled, dynamic_ncols=True)
+
+
+def prune(
+    model: nn.Module, tokenizer: Any = None, *, ratio: float | None = None, count: int | None = None,
+    method: str = "finercut", metric: str = "js", granularity: str = "sublayer", input_ids: torch.Tensor | None = None,
+    calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None, num_samples: int = 10,
+    seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast",
+    window_until_ratio: float = 0.4, window_fraction: float = 0.4, window_first_block: int | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Find which sub-layers of an in-memory model to remove; the model is left unchanged.
+
+    Args:
+        model: a ``transformers`` causal LM of a supported architecture, in eval mode.
+        tokenizer: needed unless ``input_ids`` is given.
+        ratio: layer pruning ratio r: removes round(r * 2L) sub-layers (round(r * L) blocks). Default 0.25
+            when ``count`` is not given either.
+        input_ids: ``[samples, seq]`` ready calibration token ids (instead of sampling ``calibration``).
+        calibration: ``"wikitext2"`` or a ``.txt``/``.jsonl`` file, sampled into ``num_samples`` windows of
+            ``seq_len`` tokens with ``seed``.
+
+    Returns:
+        A :class:`PruneResult`; apply it with :func:`finercut.apply_removal` for a physically smaller model.
+    """
+    if ratio is None and count is None:
+        ratio = 0.25
+    config = RunConfig(
+        method=method, granularity=granularity, metric=metric, ratio=ratio, count=count,
+        window_until_ratio=window_until_ratio, window_fraction=window_fraction,
+        window_first_block=window_first_block, calibration=calibration,
+        data_dir=str(resolve_data_dir(data_dir)) if resolve_data_dir(data_dir) else None,
+        num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size, scorer=scorer,
+        threads=torch.get_num_threads(), save_model=False,
+    )
+    adapter = adapter_for(model)
+    num_blocks = adapter.num_blocks(model)
+    target = config.target(num_units(num_blocks, granularity))
+    if input_ids is None:
+        if tokenizer is None:
+            raise ValueError("pass a tokenizer, or calibration token ids as input_ids")
+        source = resolve_source(calibration, config.data_dir)
+        check_context_length(model.config, seq_len)
+        input_ids, calibration_info = calibration_samples(
+            tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed
+        )
+    else:
+        check_context_length(model.config, input_ids.shape[1])
+        calibration_info = {"source": "tensor", "description": "token ids passed through the API",
+                            **samples_info(input_ids, seed=None)}
+    started = time.perf_counter()
+    context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=batch_size)
+    reference_seconds = time.perf_counter() - started
+    try:
+        steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress)
+    finally:
+        context.close()
+    record = build_record(
+        config=config, model_info=_model_info(model), calibration_info=calibration_info,
+        environment=environment_info(threads=torch.get_num_threads(), device=str(model.device)), steps=steps,
+        num_blocks=num_blocks, target=target, window_first_block=config.first_candidate_block(num_blocks),
+        timings={"reference_seconds": reference_seconds, "search_seconds": time.perf_counter() - started - reference_seconds},
+    )
+    return PruneResult(steps=steps, record=record)
+
+
+def _model_info(model: nn.Module) -> dict:
+    return {
+        "id": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "revision": getattr(model.config, "_commit_hash", None),
+        "architecture": model.config.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def check_context_length(model_config: Any, seq_len: int) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"sequence length {seq_len} is longer than the model's context ({limit} positions); "
+            f"use --seq-len {limit} or less"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs in an output folder
+
+
+@dataclass
+class FolderState:
+    """What an output folder holds before a run starts."""
+
+    saved_config: RunConfig | None = None
+    completed: list[Step] = field(default_factory=list)
+    calibration_sha256: str | None = None
+    holds_files: bool = False
+
+
+def inspect_output(output_dir: Path, *, parse: bool = True) -> FolderState:
+    """What the output folder holds: nothing, a finercut run (to resume or extend), or files of some other kind.
+
+    Refuses folders with files finercut did not write, so that not even ``--overwrite`` can delete them.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputFolderError(f"output {output_dir} exists and is not a folder")
+    visible = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".")) if output_dir.exists() else []
+    foreign = [name for name in visible if name not in OWN_ENTRIES]
+    if foreign:
+        raise OutputFolderError(
+            f"output folder {output_dir} holds files finercut did not write ({', '.join(foreign[:5])}"
+            f"{'...' if len(foreign) > 5 else ''}); choose a new or empty folder"
+        )
+    if RUN_FILE not in visible or not parse:
+        return FolderState(holds_files=bool(visible))
+    try:
+        saved_config = RunConfig.from_dict(read_json(output_dir / RUN_FILE)["config"])
+        progress = read_json(output_dir / PROGRESS_FILE) if (output_dir / PROGRESS_FILE).exists() else None
+        completed = [Step.from_dict(step) for step in progress["steps"]] if progress else []
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OutputFolderError(
+            f"{output_dir / RUN_FILE} or its progress file is unreadable ({error}); pass --overwrite to start over"
+        ) from error
+    return FolderState(saved_config, completed, progress.get("calibration_sha256") if progress else None, True)
+
+
+def discard_run_files(output_dir: Path) -> None:
+    """Delete what an earlier run wrote (and only that)."""
+    if not output_dir.exists():
+        return
+    for path in output_dir.iterdir():
+        if path.name in OWN_ENTRIES or path.name.startswith("."):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
+    """Fill in what "auto"/None mean on this machine (or, resuming, what the saved run used)."""
+    device = resolve_device(config.device) if not config.device_map else config.device
+    dtype = resolve_dtype(config.dtype, device if not config.device_map else "cuda")
+    source = resolve_model_source(config.model, config.revision)
+    model = config.model if config.model is None or source.kind == "hub" else source.location
+    data_dir = resolve_data_dir(config.data_dir)
+    calibration = config.calibration
+    if calibration != "wikitext2":
+        calibration = str(Path(calibration).expanduser().resolve())
+    threads = config.threads or (saved.threads if saved else None) or torch.get_num_threads()
+    return config.replace(
+        model=model, device=device, dtype=dtype, data_dir=str(data_dir) if data_dir else None,
+        calibration=calibration, threads=threads, batch_size=config.batch_size or config.num_samples,
+    )
+
+
+def run_in_folder(
+    config: RunConfig, output_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
+    log: Log = print,
+) -> PruneResult:
+    """Run (or resume, or extend) a pruning run whose files live in ``output_dir``.
+
+    Raises before writing anything if any setting, file or the folder is unusable.
+    """
+    output_dir = Path(output_dir).expanduser().resolve()
+    state = inspect_output(output_dir, parse=not overwrite)
+    if overwrite:
+        state = FolderState()  # the old files are deleted once the new run has passed validation
+    elif state.holds_files and state.saved_config is None:
+        raise OutputFolderError(
+            f"output folder {output_dir} holds files of an unfinished or foreign run but no {RUN_FILE}; "
+            "choose a new folder, or pass --overwrite to discard them"
+        )
+    config = resolve_run_config(config, state.saved_config)
+    if state.saved_config is not None:
+        differences = config_differences(state.saved_config, config)
+        if differences:
+            raise ConfigError(
+                f"{output_dir} holds a run with different settings:\n  " + "\n  ".join(differences)
+                + "\nUse the same settings to resume it, another --output, or --overwrite to discard it"
+            )
+
+    source = resolve_model_source(config.model, config.revision)
+    model_config = load_config(source)
+    adapter = adapter_for_config(model_config)
+    num_blocks = int(getattr(model_config, adapter.num_layers))
+    target = config.target(num_units(num_blocks, config.granularity))
+    config.first_candidate_block(num_blocks)
+    check_context_length(model_config, config.seq_len)
+    if len(state.completed) > target:
+        raise ConfigError(
+            f"{output_dir} already removed {len(state.completed)} units; a smaller target ({target}) needs a new "
+            "--output folder (a shorter greedy run is a prefix of this one: see 'finercut apply --count')"
+        )
+    calibration_source = resolve_source(config.calibration, config.data_dir)
+
+    # Cheap checks passed; load the tokenizer and draw the calibration samples (may still fail: too short).
+    torch.set_num_threads(config.threads)
+    tokenizer = load_tokenizer(source)
+    input_ids, calibration_info = calibration_samples(
+        tokenizer, calibration_source, num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed
+    )
+    if state.calibration_sha256 and state.calibration_sha256 != calibration_info["token_ids_sha256"]:
+        raise ConfigError(
+            f"the calibration samples differ from those of the saved run in {output_dir} (the source text "
+            "changed?); resume with the same data or start over with --overwrite"
+        )
+    model, model_info = load_model(source, dtype=config.dtype, device=config.device, device_map=config.device_map)
+
+    if overwrite:
+        discard_run_files(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output_dir / RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
+    log(f"finercut: {config.method} on {model_info['id']} ({adapter.name}, {num_blocks} blocks), removing "
+        f"{target} {'blocks' if config.granularity == 'block' else 'sub-layers'}; output in {output_dir}")
+    if state.completed:
+        log(f"resuming after {len(state.completed)} finished steps")
+
+    def save_progress(step: Step) -> None:
+        steps_so_far.append(step)
+        write_json_atomic(output_dir / PROGRESS_FILE, {
+            "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
+            "steps": [s.to_dict() for s in steps_so_far],
+        })
+
+    steps_so_far = list(state.completed)
+    started = time.perf_counter()
+    context = ScoringContext.build(model, adapter, metric_named(config.metric), input_ids,
+                                   batch_size=config.batch_size)
+    reference_seconds = time.perf_counter() - started
+    kill_hook = _install_test_kill_hook(model, adapter, lambda: len(steps_so_far))
+    try:
+        steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=state.completed,
+                           on_step=save_progress, progress=progress)
+    finally:
+        context.close()
+        if kill_hook:
+            kill_hook.remove()
+    if config.method != "finercut":
+        for step in steps:
+            save_progress(step)
+
+    record = build_record(
+        config=config, model_info=model_info, calibration_info=calibration_info,
+        environment=environment_info(threads=config.threads, device=config.device), steps=steps,
+        num_blocks=num_blocks, target=target, window_first_block=config.first_candidate_block(num_blocks),
+        timings={"reference_seconds": reference_seconds,
+                 "search_seconds": time.perf_counter() - started - reference_seconds,
+                 "resumed_steps": len(state.completed)},
+    )
+    write_json_atomic(output_dir / RECORD_FILE, record)
+    plot_layer_map([s.unit for s in steps], num_blocks, output_dir / LAYER_MAP_FILE,
+                   title=layer_map_title(record))
+    result = PruneResult(steps=steps, record=record, output_dir=output_dir, model=model, tokenizer=tokenizer,
+                         resumed_steps=len(state.completed))
+    return result
+
+
+def layer_map_title(record: dict) -> str:
+    reached = record["reached"]
+    method = record["method"] + (f" ({record['metric']})" if record.get("metric") else "")
+    return (f"{record['model']['id']}: {method}, {reached['sublayers']}/{2 * record['model']['num_blocks']} "
+            f"sub-layers removed (ratio {reached['sublayer_ratio']:.1%})")
+
+
+def _install_test_kill_hook(model: nn.Module, adapter: ArchitectureAdapter, steps_done: Callable[[], int]):
+    """Test hook (env ``FINERCUT_TEST_KILL_AT_STEP``): SIGKILL mid-candidate once that many steps are done."""
+    at_step = os.environ.get(TEST_KILL_ENV)
+    if not at_step:
+        return None
+    calls = {"n": 0}
+
+    def maybe_kill(module, args):
+        if steps_done() >= int(at_step):
+            calls["n"] += 1
+            if calls["n"] >= 3:  # a few blocks into a candidate's replay
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return adapter.blocks_of(model)[-1].register_forward_pre_hook(maybe_kill)
+

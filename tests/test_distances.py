@@ -1,0 +1,108 @@
+"""Distances against values worked out by hand, and the fast (prepared, in-place) forms against the plain ones."""
+
+import math
+
+import pytest
+import torch
+
+from finercut.distances import (
+    METRICS,
+    angular_distance,
+    euclidean_distance,
+    js_divergence,
+    js_divergence_official,
+    metric_named,
+)
+
+# P = softmax([0, 0]) = (1/2, 1/2); Q = softmax([ln 3, 0]) = (3/4, 1/4); M = (5/8, 3/8).
+P = (0.5, 0.5)
+Q = (0.75, 0.25)
+M = (0.625, 0.375)
+Z_P = torch.tensor([0.0, 0.0], dtype=torch.float64)
+Z_Q = torch.tensor([math.log(3.0), 0.0], dtype=torch.float64)
+
+
+def test_js_matches_hand_computation():
+    kl_p_m = P[0] * math.log(P[0] / M[0]) + P[1] * math.log(P[1] / M[1])
+    kl_q_m = Q[0] * math.log(Q[0] / M[0]) + Q[1] * math.log(Q[1] / M[1])
+    expected = 0.5 * kl_p_m + 0.5 * kl_q_m
+    # KL(P||M) = 0.032269, KL(Q||M) = 0.035375 -> JS = 0.033822 nats
+    assert expected == pytest.approx(0.033822, abs=1e-6)
+    assert js_divergence(Z_P, Z_Q).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_js_is_symmetric_zero_for_equal_and_ln2_for_disjoint():
+    assert js_divergence(Z_Q, Z_P).item() == pytest.approx(js_divergence(Z_P, Z_Q).item(), rel=1e-12)
+    assert js_divergence(Z_Q, Z_Q).item() == pytest.approx(0.0, abs=1e-15)
+    one_hot_a = torch.tensor([60.0, -60.0], dtype=torch.float64)
+    assert js_divergence(one_hot_a, -one_hot_a).item() == pytest.approx(math.log(2.0), rel=1e-9)
+
+
+def test_js_official_matches_hand_computation():
+    # Mean over the 2 vocabulary entries of 1/2 [M(log M - log P) + M(log M - log Q)].
+    terms = [0.5 * (m * (math.log(m) - math.log(p)) + m * (math.log(m) - math.log(q))) for p, q, m in zip(P, Q, M)]
+    expected = sum(terms) / 2
+    # entries: 0.012757 and 0.022084 -> mean 0.017421
+    assert expected == pytest.approx(0.017421, abs=1e-6)
+    assert js_divergence_official(Z_P, Z_Q).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([1.0, 0.0], [0.0, 1.0], math.pi / 2),
+        ([1.0, 0.0], [1.0, 1.0], math.pi / 4),
+        ([1.0, 0.0], [-1.0, 0.0], math.pi),
+        ([2.0, 0.0, 0.0], [1.0, math.sqrt(3.0), 0.0], math.pi / 3),
+        ([3.0, 4.0], [30.0, 40.0], 0.0),  # same direction, different norm: angle 0
+    ],
+)
+def test_angular_distance_is_arccos_of_cosine(a, b, expected):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    assert angular_distance(a, b).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_angular_distance_keeps_precision_for_tiny_angles():
+    # arccos(cos) loses everything below ~1e-4 rad in float32; the chord form does not.
+    a = torch.tensor([1.0, 0.0], dtype=torch.float32)
+    b = torch.tensor([1.0, 1e-6], dtype=torch.float32)
+    assert angular_distance(a, b).item() == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_euclidean_distance():
+    assert euclidean_distance(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([3.0, 4.0, 0.0])).item() == 5.0
+
+
+def test_distances_are_per_position():
+    ref = torch.stack([Z_P, Z_Q, Z_P])
+    out = torch.stack([Z_Q, Z_Q, Z_P])
+    values = js_divergence(ref, out)
+    assert values.shape == (3,)
+    assert values[1].item() == pytest.approx(0.0, abs=1e-15)
+    assert values[0].item() == pytest.approx(js_divergence(Z_P, Z_Q).item())
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 2e-3)])
+def test_prepared_form_equals_plain_form(name, dtype, rel):
+    metric = metric_named(name)
+    generator = torch.Generator().manual_seed(0)
+    ref = 4 * torch.randn(7, 500, generator=generator, dtype=torch.float64)
+    out = ref + 0.3 * torch.randn(7, 500, generator=generator, dtype=torch.float64)
+    expected = metric.distance(ref, out)
+    fast = metric.per_position(metric.prepare(ref.to(dtype)), out.to(dtype).clone())
+    assert fast.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(fast.double(), expected, rtol=rel, atol=1e-6 if dtype == torch.float32 else 1e-14)
+
+
+def test_js_handles_minus_infinity_logits():
+    ref = torch.tensor([[0.0, 1.0, -math.inf]], dtype=torch.float64)
+    out = torch.tensor([[1.0, 0.0, -math.inf]], dtype=torch.float64)
+    metric = metric_named("js")
+    plain = js_divergence(ref[:, :2], out[:, :2])
+    assert metric.per_position(metric.prepare(ref), out.clone()).item() == pytest.approx(plain.item(), rel=1e-12)
+
+
+def test_unknown_metric_lists_the_known_ones():
+    with pytest.raises(ValueError, match="js, angular, euclidean, js_official"):
+        metric_named("kl")
