@@ -53,7 +53,7 @@ LAYER_MAP_FILE = "layer_map.png"
 MODEL_DIR = "model"
 OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, MODEL_DIR)
 TEST_KILL_ENV = "FINERCUT_TEST_KILL_AT_STEP"
-"""Test hook: SIGKILL this process in the middle of a candidate evaluation of the given step."""
+TEST_SIGNAL_ENV = "FINERCUT_TEST_KILL_SIGNAL"
 
 Log = Callable[[str], None]
 
@@ -384,7 +384,21 @@ def run_in_folder(
                    title=layer_map_title(record))
     result = PruneResult(steps=steps, record=record, output_dir=output_dir, model=model, tokenizer=tokenizer,
                          resumed_steps=len(state.completed))
+    if config.save_model:
+        result.notes.append(save_pruned_model(result, num_blocks=num_blocks).format())
     return result
+
+
+def save_pruned_model(result: PruneResult, *, num_blocks: int):
+    """Physically remove the found units from the run's model and save it to ``<output>/model``."""
+    from finercut.checkpoint import apply_removal, parameter_stats, save_pruned
+
+    dense_stats = parameter_stats(result.model)
+    apply_removal(result.model, result.removed, num_blocks=num_blocks)
+    return save_pruned(
+        result.model, result.output_dir / MODEL_DIR, tokenizer=result.tokenizer, dense_stats=dense_stats,
+        overwrite=True, provenance={"run": str(result.output_dir), "source_model": result.record["model"]},
+    )
 
 
 def layer_map_title(record: dict) -> str:
@@ -395,17 +409,20 @@ def layer_map_title(record: dict) -> str:
 
 
 def _install_test_kill_hook(model: nn.Module, adapter: ArchitectureAdapter, steps_done: Callable[[], int]):
-    """Test hook (env ``FINERCUT_TEST_KILL_AT_STEP``): SIGKILL mid-candidate once that many steps are done."""
+    """Test hook: once ``FINERCUT_TEST_KILL_AT_STEP`` steps are done, signal this process mid-candidate.
+
+    The signal is SIGKILL unless ``FINERCUT_TEST_KILL_SIGNAL`` names another (e.g. SIGINT, as Ctrl-C sends).
+    """
     at_step = os.environ.get(TEST_KILL_ENV)
     if not at_step:
         return None
+    signal_number = getattr(signal, os.environ.get(TEST_SIGNAL_ENV, "SIGKILL"))
     calls = {"n": 0}
 
-    def maybe_kill(module, args):
+    def maybe_signal(module, args):
         if steps_done() >= int(at_step):
             calls["n"] += 1
-            if calls["n"] >= 3:  # a few blocks into a candidate's replay
-                os.kill(os.getpid(), signal.SIGKILL)
+            if calls["n"] == 1:  # inside a candidate evaluation: its earlier blocks ran, head and distance not yet
+                os.kill(os.getpid(), signal_number)
 
-    return adapter.blocks_of(model)[-1].register_forward_pre_hook(maybe_kill)
-
+    return adapter.blocks_of(model)[-1].register_forward_pre_hook(maybe_signal)

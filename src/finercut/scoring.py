@@ -283,6 +283,23 @@ class FastScorer:
                     on_candidate(unit, distance)
         return results
 
+    @torch.inference_mode()
+    def restore(self, removed: Sequence[Unit]) -> None:
+        """Rebuild the cache a run would hold after removing ``removed`` (resuming), so that the next step costs
+        exactly what it costs in an uninterrupted run: only the inputs up to the last removal's block."""
+        removed = list(removed)
+        if not removed:
+            return
+        last_block = removed[-1].block
+        blocks = self.context.adapter.blocks_of(self.context.model)
+        with masked(self.context.model, self.context.adapter, removed):
+            for b, batch in enumerate(self.context.batches):
+                inputs = self._inputs[b]
+                for i in range(last_block):
+                    inputs[i + 1] = run_block(blocks[i], inputs[i], batch.block_calls[i])
+        self._valid_through = last_block
+        self._cached_for = removed
+
     def _invalidate_for(self, removed: list[Unit]) -> None:
         # Removing a unit at block q changes the inputs of blocks after q only.
         if removed[: len(self._cached_for)] == self._cached_for:
@@ -319,6 +336,9 @@ class NaiveScorer:
     @property
     def block_executions(self) -> int:
         return self.context.block_executions
+
+    def restore(self, removed: Sequence[Unit]) -> None:
+        """Nothing is cached between candidates, so resuming needs no preparation."""
 
     @torch.inference_mode()
     def score(

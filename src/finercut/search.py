@@ -60,6 +60,9 @@ def _optional_float(value: float | None) -> float | None:
 class Scorer(Protocol):
     block_executions: int
 
+    def restore(self, removed: Sequence[Unit]) -> None:
+        """Prepare to continue after ``removed`` (resuming) as if the steps had just run."""
+
     def score(
         self, removed: Sequence[Unit], candidates: Sequence[Unit], *,
         on_candidate: Callable[[Unit, float], None] | None = None,
@@ -90,6 +93,8 @@ def greedy_search(
     units = all_units(num_blocks, granularity)
     steps = list(completed)
     removed = [step.unit for step in steps]
+    if removed and len(removed) < target:
+        scorer.restore(removed)
     while len(removed) < target:
         remaining = [unit for unit in units if unit not in removed]
         candidates, first_block = step_candidates(

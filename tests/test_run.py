@@ -1,0 +1,217 @@
+"""Runs in an output folder: resume after a crash, determinism, and clear early errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_model, write_word_text
+from safetensors.torch import load_file
+
+from finercut.cli import main
+
+TIMING_KEYS = {"created", "seconds", "timings", "search_seconds", "reference_seconds"}
+
+
+def prune_args(model_dir: Path, text: Path, output: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(model_dir), "--calibration", str(text), "--samples", "3", "--seq-len", "12",
+            "--threads", "1", "--no-progress", "--output", str(output), *extra]
+
+
+def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "finercut.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def without_timings(value):
+    """A record with timestamps and durations removed, for comparing runs."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def model_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted((run_dir / "model").glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, word_text) -> Path:
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    result = run_cli(prune_args(tiny_model_dir, word_text, output, "--count", "4"))
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_sigkill_mid_candidate_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_model_dir, word_text,
+                                                                          uninterrupted):
+    output = tmp_path / "killed"
+    args = prune_args(tiny_model_dir, word_text, output, "--count", "4")
+    killed = run_cli(args, {"FINERCUT_TEST_KILL_AT_STEP": "1"})
+    assert killed.returncode == -9, killed.stderr
+    progress = read(output / "progress.json")
+    assert len(progress["steps"]) == 1 and not (output / "record.json").exists() and not (output / "model").exists()
+
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after 1 finished steps" in resumed.stderr
+    record = read(output / "record.json")
+    assert without_timings(record) == without_timings(read(uninterrupted / "record.json"))
+    # Step 1 was taken over from the killed process, not evaluated again: its measured duration is the old one.
+    assert record["steps"][0] == progress["steps"][0]
+    assert record["timings"]["resumed_steps"] == 1
+    original, again = model_tensors(uninterrupted), model_tensors(output)
+    assert original.keys() == again.keys() and original
+    assert all(torch.equal(original[name], again[name]) for name in original)
+
+
+def test_two_processes_with_one_seed_give_identical_records(tmp_path, tiny_model_dir, word_text, uninterrupted):
+    result = run_cli(prune_args(tiny_model_dir, word_text, tmp_path / "again", "--count", "4"))
+    assert result.returncode == 0, result.stderr
+    assert without_timings(read(tmp_path / "again" / "record.json")) == without_timings(
+        read(uninterrupted / "record.json"))
+
+
+def test_a_larger_target_extends_a_finished_run(tmp_path, tiny_model_dir, word_text, uninterrupted):
+    output = tmp_path / "extended"
+    assert main(prune_args(tiny_model_dir, word_text, output, "--count", "2", "--no-save-model")) == 0
+    assert main(prune_args(tiny_model_dir, word_text, output, "--count", "4", "--no-save-model")) == 0
+    extended, direct = read(output / "record.json"), read(uninterrupted / "record.json")
+    assert extended["removed"] == direct["removed"]
+    assert extended["timings"]["resumed_steps"] == 2
+
+
+def test_ctrl_c_keeps_finished_steps_and_prints_the_resume_command(tmp_path, tiny_model_dir, word_text):
+    output = tmp_path / "interrupted"
+    result = run_cli(prune_args(tiny_model_dir, word_text, output, "--count", "4"),
+                     {"FINERCUT_TEST_KILL_AT_STEP": "2", "FINERCUT_TEST_KILL_SIGNAL": "SIGINT"})
+    assert result.returncode == 130
+    assert f"finercut prune --resume --output {output}" in result.stderr
+    assert len(read(output / "progress.json")["steps"]) == 2
+    resumed = run_cli(["prune", "--resume", "--output", str(output), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(read(output / "record.json")["steps"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a clear message, exit code 2, and nothing written
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
+
+
+def assert_refused(capsys, args, message, output: Path):
+    before = snapshot(output)
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert message in error, error
+    assert snapshot(output) == before, "a refused run must not write or delete anything"
+
+
+@pytest.fixture
+def output(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def test_unknown_architecture(capsys, tmp_path, word_text, output):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                             num_attention_heads=2)).save_pretrained(tmp_path / "opt")
+    assert_refused(capsys, prune_args(tmp_path / "opt", word_text, output),
+                   "unsupported architecture 'opt': finercut has adapters for gemma, gemma2", output)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--ratio", "0", "ratio must be in (0, 1), got 0.0"),
+    ("--ratio", "1.2", "ratio must be in (0, 1), got 1.2"),
+    ("--count", "9", "count 9 is larger than the 8 candidate units of this model"),
+    ("--metric", "kl", "unknown metric 'kl'; choose one of js, angular, euclidean, js_official"),
+    ("--seq-len", "100", "sequence length 100 is longer than the model's context (64 positions)"),
+    ("--dtype", "float8", "invalid dtype 'float8'"),
+    ("--device", "tpu", "invalid device 'tpu'"),
+    ("--device", "cuda:7", "device 'cuda:7' is not available on this machine"),
+])
+def test_bad_settings(capsys, tiny_model_dir, word_text, output, option, value, message):
+    assert_refused(capsys, prune_args(tiny_model_dir, word_text, output, option, value), message, output)
+
+
+def test_calibration_file_missing_empty_or_too_short(capsys, tmp_path, tiny_model_dir, output):
+    assert_refused(capsys, prune_args(tiny_model_dir, tmp_path / "none.txt", output), "none.txt does not exist",
+                   output)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert_refused(capsys, prune_args(tiny_model_dir, tmp_path / "empty.txt", output), "is empty", output)
+    short = write_word_text(tmp_path / "short.txt", words=20)
+    assert_refused(capsys, prune_args(tiny_model_dir, short, output),
+                   "the calibration text has 20 tokens, fewer than samples x length = 3 x 12", output)
+
+
+def test_data_dir_without_wikitext(capsys, tmp_path, tiny_model_dir, output):
+    args = prune_args(tiny_model_dir, Path("x"), output)
+    args[args.index("--calibration") + 1] = "wikitext2"
+    assert_refused(capsys, [*args, "--data-dir", str(tmp_path)], "no WikiText-2 validation file at", output)
+
+
+def test_model_folder_or_gguf_missing_or_unreadable(capsys, tmp_path, word_text, output):
+    assert_refused(capsys, prune_args(tmp_path / "nothing", word_text, output), "does not exist", output)
+    assert_refused(capsys, prune_args(tmp_path / "nothing.gguf", word_text, output),
+                   "GGUF file", output)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert_refused(capsys, prune_args(broken, word_text, output), "cannot load the config of", output)
+    (tmp_path / "garbage.gguf").write_bytes(b"not a gguf file at all")
+    assert_refused(capsys, prune_args(tmp_path / "garbage.gguf", word_text, output), "cannot load the config",
+                   output)
+
+
+def test_output_folder_with_foreign_files_is_refused_even_with_overwrite(capsys, tiny_model_dir, word_text, output):
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    for extra in ((), ("--overwrite",)):
+        assert_refused(capsys, prune_args(tiny_model_dir, word_text, output, *extra),
+                       "holds files finercut did not write (notes.txt)", output)
+
+
+def test_output_folder_with_a_different_run_lists_the_differences(capsys, tmp_path, tiny_model_dir, word_text):
+    output = tmp_path / "run"
+    assert main(prune_args(tiny_model_dir, word_text, output, "--count", "1", "--no-save-model")) == 0
+    assert_refused(capsys, prune_args(tiny_model_dir, word_text, output, "--count", "1", "--no-save-model",
+                                      "--metric", "angular", "--seed", "3"),
+                   "holds a run with different settings:\n  metric: 'js' -> 'angular'\n  seed: 0 -> 3", output)
+    assert main(prune_args(tiny_model_dir, word_text, output, "--count", "1", "--no-save-model",
+                           "--metric", "angular", "--overwrite")) == 0
+    assert read(output / "record.json")["metric"] == "angular"
+
+
+def test_float16_overflow_stops_with_advice(capsys, tmp_path, word_text, output):
+    folder = save_tiny_model(tmp_path / "hot", dtype=torch.float32)
+    weights = load_file(folder / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v * 300 if "proj" in k else v for k, v in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    # Found while running (not a validation error), so the run folder exists; the message says what to do.
+    assert main(prune_args(folder, word_text, output, "--dtype", "float16")) == 2
+    assert "NaN or inf" in (error := capsys.readouterr().err) and "bfloat16 or float32" in error
+
+
+def test_resume_without_a_run_is_refused(capsys, tmp_path):
+    assert main(["prune", "--resume", "--output", str(tmp_path / "none")]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
