@@ -5,13 +5,24 @@ one at a time, the one whose removal moves the model's next-token distribution l
 
     import finercut
     result = finercut.prune(model, tokenizer, ratio=0.25, data_dir="data")   # find what to remove
-    result.removed                                                            # [Unit(block=27, kind='attention'), ...]
+    finercut.apply_removal(model, result.removed)                            # physically remove it
+    finercut.save_pruned(model, "pruned", tokenizer=tokenizer)               # reloads with load_pruned or
+                                                                             # transformers, trust_remote_code=True
 """
 
 __version__ = "0.1.0"
 
 from finercut.adapters import ADAPTERS, adapter_for, supported_model_types  # noqa: E402
 from finercut.candidates import Unit  # noqa: E402
+from finercut.checkpoint import (  # noqa: E402
+    CheckpointMismatchError,
+    SizeReport,
+    apply_removal,
+    load_pruned,
+    load_pruned_tokenizer,
+    parameter_stats,
+    save_pruned,
+)
 from finercut.distances import METRICS  # noqa: E402
 from finercut.masking import masked  # noqa: E402
 from finercut.record import RunConfig  # noqa: E402
@@ -19,6 +30,13 @@ from finercut.run import PruneResult, prune, run_in_folder  # noqa: E402
 
 __all__ = [
     "ADAPTERS",
+    "CheckpointMismatchError",
+    "SizeReport",
+    "apply_removal",
+    "load_pruned",
+    "load_pruned_tokenizer",
+    "parameter_stats",
+    "save_pruned",
     "METRICS",
     "PruneResult",
     "RunConfig",

@@ -116,7 +116,7 @@ def summarize_record(record: dict, output_dir: Path | None = None) -> str:
         f"method: {record['method']}" + (f", metric {record['metric']}" if record.get("metric") else "")
         + f", granularity {record['granularity']}",
         f"removed {reached['count']} units = {reached['sublayers']} sub-layers "
-        f"({reached['attention']} attention, {reached['ffn']} FFN, {reached['whole_blocks']} whole blocks); "
+        f"({reached['attention']} attention, {reached['ffn']} FFN; {reached['whole_blocks']} blocks lost both); "
         f"sub-layer ratio reached {reached['sublayer_ratio']:.2%}",
         "order: " + ", ".join(
             f"{step['removed']['block']}.{'attn' if step['removed']['kind'] == 'attention' else step['removed']['kind']}"
@@ -147,6 +147,116 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    from finercut.checkpoint import apply_removal, parameter_stats, save_pruned
+    from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+    from finercut.record import removed_units
+
+    run_dir = Path(args.run)
+    record = read_json(run_dir / "record.json" if run_dir.is_dir() else run_dir)
+    saved = RunConfig.from_dict(record["config"])
+    source = resolve_model_source(args.model if args.model is not None else saved.model, saved.revision)
+    units = removed_units(record)
+    if args.count is not None:
+        if not 1 <= args.count <= len(units):
+            raise ConfigError(f"--count must be between 1 and the {len(units)} units the record removed")
+        units = units[: args.count]
+    tokenizer = load_tokenizer(source)
+    model, _ = load_model(source, dtype=args.dtype or saved.dtype, device="cpu")
+    dense_stats = parameter_stats(model)
+    apply_removal(model, units, num_blocks=record["model"]["num_blocks"])
+    report = save_pruned(model, args.output, tokenizer=tokenizer, dense_stats=dense_stats, overwrite=args.overwrite,
+                         provenance={"record": str(run_dir), "source_model": record["model"], "count": len(units)})
+    print(report.format())
+    print(f"pruned model written to {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from finercut.evaluation import evaluate_tasks, format_results_table, lm_eval_wikitext_perplexity
+    from finercut.evaluation import windowed_perplexity
+
+    model, tokenizer, label = _model_for_eval(args)
+    results: dict = {"model": label}
+    if args.ppl_max_windows != 0:
+        ppl = windowed_perplexity(model, tokenizer, data_dir=args.data_dir, window_length=args.ppl_window,
+                                  max_windows=args.ppl_max_windows, batch_size=args.batch_size)
+        results["windowed_perplexity"] = dataclasses.asdict(ppl)
+        print(f"perplexity (a) {ppl.ppl:.3f}: {ppl.method}; {ppl.source}; {ppl.bos}")
+    if args.wikitext_docs != 0:
+        lm_ppl = lm_eval_wikitext_perplexity(model, tokenizer, data_dir=args.data_dir, limit=args.wikitext_docs,
+                                             batch_size=args.batch_size)
+        results["lm_eval_wikitext"] = dataclasses.asdict(lm_ppl)
+        print(f"perplexity (b) word {lm_ppl.word_perplexity:.3f}, byte {lm_ppl.byte_perplexity:.4f}: "
+              f"{lm_ppl.method}; {lm_ppl.num_documents} documents, {lm_ppl.source}")
+    if args.tasks:
+        tasks = evaluate_tasks(model, tokenizer, tasks=args.tasks.split(","), data_dir=args.data_dir,
+                               limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit, batch_size=args.batch_size)
+        results["tasks"] = dataclasses.asdict(tasks)
+        print(format_results_table(tasks))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _model_for_eval(args: argparse.Namespace):
+    """A pruned folder, or a model with a run's removals masked, or the plain model."""
+    from finercut.checkpoint import load_pruned, load_pruned_tokenizer
+    from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+
+    if args.model and _is_pruned_folder(Path(args.model)):
+        return load_pruned(args.model), load_pruned_tokenizer(args.model), f"pruned folder {args.model}"
+    source = resolve_model_source(args.model)
+    model, info = load_model(source, dtype=args.dtype or "auto", device="cpu")
+    tokenizer = load_tokenizer(source)
+    if not args.run:
+        return model, tokenizer, info["id"]
+    from finercut.checkpoint import apply_removal
+    from finercut.record import removed_units
+
+    record = read_json(Path(args.run) / "record.json")
+    units = removed_units(record)[: args.count]
+    apply_removal(model, units, num_blocks=record["model"]["num_blocks"])
+    return model, tokenizer, f"{info['id']} with {len(units)} units of {args.run} removed"
+
+
+def _is_pruned_folder(path: Path) -> bool:
+    import json
+
+    from finercut.pruned_modeling import LAYOUT_KEY
+
+    config_file = path / "config.json"
+    return config_file.is_file() and LAYOUT_KEY in json.loads(config_file.read_text())
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from finercut.compare import CompareConfig, run_compare
+
+    config = CompareConfig(
+        model=args.model, methods=tuple(args.methods.split(",")), ratios=tuple(float(r) for r in args.ratios.split(",")),
+        metric=args.metric, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
+        ppl_max_windows=args.ppl_max_windows, lm_eval_wikitext_docs=args.wikitext_docs,
+        eval_batch_size=args.batch_size, threads=args.threads,
+    )
+    command = "finercut compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "finercut compare"
+    run_compare(config, args.output, report=args.report, command=command, progress=args.progress,
+                log=lambda message: print(message, file=sys.stderr))
+    return 0
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="local data folder (wikitext2/, tasks/) or FINERCUT_DATA_DIR; "
+                                           "without one, the hub datasets")
+    parser.add_argument("--limit", type=int, help="first N documents per zero-shot task")
+    parser.add_argument("--mmlu-limit", type=int, help="first N questions per MMLU subject")
+    parser.add_argument("--ppl-max-windows", type=int, help="first N perplexity windows (0: skip perplexity (a))")
+    parser.add_argument("--wikitext-docs", type=int, help="first N lm-eval wikitext documents (0: skip (b))")
+    parser.add_argument("--batch-size", type=int, default=4, help="evaluation batch size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finercut", description="Fine-grained layer pruning of decoder-only LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,10 +264,44 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="summarize a finished run")
     show.add_argument("run", help="run folder or record.json")
     show.add_argument("--steps", action="store_true", help="list every step")
+
+    apply = commands.add_parser("apply", help="apply a finished record to a model and save the pruned model")
+    apply.add_argument("run", help="run folder (or its record.json)")
+    apply.add_argument("--model", help="the dense model (default: the one the run used)")
+    apply.add_argument("--count", type=int, help="apply only the first N removals (a shorter run)")
+    apply.add_argument("--dtype", help="dtype to load and save in (default: the run's)")
+    apply.add_argument("--output", "-o", required=True, help="pruned model folder to create")
+    apply.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+
+    evaluate = commands.add_parser("eval", help="perplexity and zero/few-shot accuracy of a (pruned) model")
+    evaluate.add_argument("model", nargs="?", help="pruned model folder, or a model (hub id, folder, .gguf; "
+                                                   "default SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--run", help="remove what this run's record removed (masked) before evaluating")
+    evaluate.add_argument("--count", type=int, help="with --run: only the first N removals")
+    evaluate.add_argument("--dtype", help="dtype to load the model in")
+    evaluate.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu",
+                          help="comma-separated lm-eval tasks ('' for none)")
+    evaluate.add_argument("--ppl-window", type=int, default=2048, help="perplexity (a) window length")
+    evaluate.add_argument("--output", help="write all results as JSON here")
+    _add_eval_options(evaluate)
+
+    compare = commands.add_parser("compare", help="prune with several methods at several ratios, evaluate all, "
+                                                  "write a Markdown report with table and plots")
+    compare.add_argument("--model", help="hub id, folder or .gguf (default SmolLM2-135M-Instruct)")
+    compare.add_argument("--methods", default="finercut,finercut_block,shortgpt,deeper_layers",
+                         help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random")
+    compare.add_argument("--ratios", default="0,0.1,0.25,0.4", help="comma-separated; 0 is the dense model")
+    compare.add_argument("--metric", default="js", help="FinerCut's distance")
+    compare.add_argument("--threads", type=int, help="CPU threads")
+    compare.add_argument("--output", "-o", required=True, help="folder for runs and cached results")
+    compare.add_argument("--report", help="Markdown report path (default: OUTPUT/results.md)")
+    compare.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_eval_options(compare)
+    compare.set_defaults(limit=200, mmlu_limit=3, wikitext_docs=10)
     return parser
 
 
-COMMANDS = {"prune": cmd_prune, "show": cmd_show}
+COMMANDS = {"prune": cmd_prune, "show": cmd_show, "apply": cmd_apply, "eval": cmd_eval, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -241,7 +241,9 @@ class PrunedCausalLMMixin:
     """
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-        layout = getattr(config, LAYOUT_KEY)
+        layout = getattr(config, LAYOUT_KEY, None)
+        if not isinstance(layout, dict):
+            raise ValueError(f"a pruned model needs a config with the pruning layout under config.{LAYOUT_KEY}")
         check_layout(layout)
         with original_shape(config, layout):
             super().__init__(config, *args, **kwargs)

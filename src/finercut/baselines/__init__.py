@@ -113,7 +113,7 @@ def deeper_layers_steps(context: ScoringContext, *, count: int) -> list[Step]:
 
 
 def random_steps(num_blocks: int, *, granularity: str, count: int, seed: int) -> list[Step]:
-    """Uniformly random units (seeded), in drawing order; no scores."""
-    units = all_units(num_blocks, granularity)
-    order = random.Random(seed).sample(units, count)
-    return _steps_in_order(order, {}, 0.0, 0)
+    """Uniformly random units: the first ``count`` of a seeded shuffle, so smaller counts are prefixes."""
+    order = all_units(num_blocks, granularity)
+    random.Random(seed).shuffle(order)
+    return _steps_in_order(order[:count], {}, 0.0, 0)

@@ -1,0 +1,364 @@
+"""The paper's comparison in one command: prune with each method, evaluate every ratio, write table and plots.
+
+Greedy runs (FinerCut, its block-level ablation), ShortGPT and random removal are prefix-consistent: one run to
+the largest ratio holds every smaller ratio as a prefix, so each is pruned once. DeeperLayers' best run of n
+blocks need not contain the best run of n-1, so it is selected per ratio. Every model is evaluated masked
+(the same stand-in modules a physically pruned model holds); evaluations are cached on disk by the exact set of
+removed sub-layers and the evaluation settings, so reruns and methods that remove the same set reuse them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from finercut.adapters import adapter_for
+from finercut.candidates import Unit, removed_sublayers, target_count
+from finercut.masking import masked
+from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+from finercut.plots import plot_layer_map, plot_metric_vs_ratio
+from finercut.record import RunConfig, read_json, removal_summary, removed_units, write_json_atomic
+from finercut.run import layer_map_title, run_in_folder
+
+Log = Callable[[str], None]
+
+METHODS: dict[str, dict[str, str]] = {
+    "finercut": {"method": "finercut", "granularity": "sublayer", "label": "FinerCut"},
+    "finercut_block": {"method": "finercut", "granularity": "block", "label": "FinerCut (block-level)"},
+    "shortgpt": {"method": "shortgpt", "granularity": "block", "label": "ShortGPT"},
+    "deeper_layers": {"method": "deeper_layers", "granularity": "block", "label": "DeeperLayers"},
+    "random": {"method": "random", "granularity": "sublayer", "label": "Random sub-layers"},
+}
+SELECTED_PER_RATIO = {"deeper_layers"}
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "In 1969, the first humans to walk on the Moon",
+    "The best way to learn a new programming language is",
+)
+TASK_LABELS = {
+    "boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c", "openbookqa": "OBQA", "mmlu": "MMLU (5-shot)",
+}
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything ``finercut compare`` needs; written as ``compare.json`` next to its results."""
+
+    model: str | None = None
+    methods: tuple[str, ...] = ("finercut", "finercut_block", "shortgpt", "deeper_layers")
+    ratios: tuple[float, ...] = (0.0, 0.1, 0.25, 0.4)
+    metric: str = "js"
+    data_dir: str | None = None
+    num_samples: int = 10
+    seq_len: int = 256
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    tasks: tuple[str, ...] = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                              "openbookqa", "mmlu")
+    limit: int | None = 200
+    mmlu_limit_per_subject: int | None = 3
+    ppl_window: int = 2048
+    ppl_max_windows: int | None = None
+    lm_eval_wikitext_docs: int | None = 10
+    eval_batch_size: int = 4
+    stats_ratio: float = 0.25
+    stats_context: int = 2048
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
+        if bad:
+            raise ValueError(f"ratios must be in [0, 1) (0 = the dense model), got {bad}")
+
+    def evaluation_settings(self) -> dict:
+        """The settings an evaluation result depends on (beyond the removed sub-layers)."""
+        keys = ("data_dir", "dtype", "tasks", "limit", "mmlu_limit_per_subject", "ppl_window", "ppl_max_windows",
+                "lm_eval_wikitext_docs", "eval_batch_size")
+        return {key: getattr(self, key) for key in keys}
+
+    def run_config(self, method: str, ratio: float) -> RunConfig:
+        settings = METHODS[method]
+        return RunConfig(
+            model=self.model, dtype=self.dtype, device=self.device, method=settings["method"],
+            granularity=settings["granularity"], metric=self.metric, ratio=ratio, data_dir=self.data_dir,
+            num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed, threads=self.threads,
+            save_model=False,
+        )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One evaluated model: a method at a ratio (ratio 0: the dense model)."""
+
+    method: str
+    ratio: float
+    removed: tuple[Unit, ...]
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def sublayers(self) -> list[Unit]:
+        return sorted(removed_sublayers(self.removed), key=lambda unit: unit.sort_key)
+
+
+def result_key(variant: Variant, settings: dict) -> str:
+    """Cache key of an evaluation: the set of removed sub-layers and the evaluation settings."""
+    payload = json.dumps({"removed": [u.to_dict() for u in variant.sublayers], "settings": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, log: Log) -> list[Variant]:
+    """Run (or reuse) every method's pruning and list the variants to evaluate, dense first."""
+    ratios = sorted(r for r in config.ratios if r > 0)
+    variants = [Variant("dense", 0.0, ())] if 0.0 in config.ratios else []
+    for method in config.methods:
+        granularity = METHODS[method]["granularity"]
+        runs = ([(ratio, output_dir / "runs" / f"{method}-r{ratio:g}") for ratio in ratios]
+                if method in SELECTED_PER_RATIO else [(max(ratios), output_dir / "runs" / method)])
+        records = {}
+        for run_ratio, folder in runs:
+            log(f"compare: pruning with {method} to ratio {run_ratio:g} in {folder}")
+            records[run_ratio] = run_in_folder(config.run_config(method, run_ratio), folder, progress=progress,
+                                               log=log).record
+        for ratio in ratios:
+            record = records.get(ratio, records[max(records)])
+            num_blocks = record["model"]["num_blocks"]
+            units = removed_units(record)
+            total_units = num_blocks if granularity == "block" else 2 * num_blocks
+            count = target_count(ratio, total_units) if ratio > 0 else 0
+            kept = tuple(units[:count])
+            variants.append(Variant(method, ratio, kept,
+                                    removal_summary(kept, num_blocks=num_blocks, granularity=granularity)))
+    return variants
+
+
+def evaluate_variant(model, tokenizer, variant: Variant, config: CompareConfig, results_dir: Path,
+                     log: Log) -> dict:
+    """Evaluate one variant (masked), stage by stage, saving after each stage; reuse what is on disk."""
+    from finercut.evaluation import evaluate_tasks, lm_eval_wikitext_perplexity, windowed_perplexity
+
+    settings = config.evaluation_settings()
+    path = results_dir / f"{result_key(variant, settings)}.json"
+    result = read_json(path) if path.exists() else {
+        "removed_sublayers": [u.to_dict() for u in variant.sublayers], "settings": settings, "stages": {},
+    }
+    stages = {
+        "windowed_perplexity": lambda: dataclasses.asdict(windowed_perplexity(
+            model, tokenizer, data_dir=config.data_dir, window_length=config.ppl_window,
+            max_windows=config.ppl_max_windows)),
+        "lm_eval_wikitext": lambda: dataclasses.asdict(lm_eval_wikitext_perplexity(
+            model, tokenizer, data_dir=config.data_dir, limit=config.lm_eval_wikitext_docs)),
+        "tasks": lambda: _task_results_dict(evaluate_tasks(
+            model, tokenizer, tasks=config.tasks, data_dir=config.data_dir, limit=config.limit,
+            mmlu_limit_per_subject=config.mmlu_limit_per_subject, batch_size=config.eval_batch_size)),
+    }
+    adapter = adapter_for(model)
+    for name, run_stage in stages.items():
+        if name in result["stages"]:
+            continue
+        log(f"compare: {variant.method} @ {variant.ratio:g}: {name}")
+        started = time.perf_counter()
+        with masked(model, adapter, variant.removed):
+            value = run_stage()
+        result["stages"][name] = {**value, "seconds": time.perf_counter() - started}
+        write_json_atomic(path, result)
+    return result
+
+
+def _task_results_dict(results) -> dict:
+    data = dataclasses.asdict(results)
+    data.pop("mmlu_subjects", None)
+    return data
+
+
+def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | Path | None = None,
+                command: str = "", progress: bool = True, log: Log = print) -> Path:
+    """Prune with every method, evaluate every variant, and write the report (Markdown + figures).
+
+    Returns:
+        The report's path.
+    """
+    output_dir = Path(output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output_dir / "compare.json", dataclasses.asdict(config))
+    started = time.perf_counter()
+    variants = prune_variants(config, output_dir, progress=progress, log=log)
+
+    first_run = next(iter(sorted((output_dir / "runs").glob("*/run.json"))))
+    run = RunConfig.from_dict(read_json(first_run)["config"])
+    torch.set_num_threads(run.threads)
+    source = resolve_model_source(run.model, run.revision)
+    tokenizer = load_tokenizer(source)
+    model, model_info = load_model(source, dtype=run.dtype, device=run.device)
+    results = [evaluate_variant(model, tokenizer, v, config, output_dir / "results", log) for v in variants]
+    stats_rows, samples = _stats_and_samples(model, tokenizer, variants, config, output_dir, log)
+
+    report_path = Path(report) if report else output_dir / "results.md"
+    figures = _figures(variants, results, report_path.parent / "figures", output_dir)
+    num_blocks = read_json(first_run.parent / "record.json")["model"]["num_blocks"]
+    text = format_report(config, variants, results, stats_rows, samples, figures, report_path.parent,
+                         model_info=model_info, run=run, num_blocks=num_blocks, command=command,
+                         wall_seconds=time.perf_counter() - started)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(text, encoding="utf-8")
+    log(f"compare: report written to {report_path}")
+    return report_path
+
+
+def _stats_and_samples(model, tokenizer, variants: Sequence[Variant], config: CompareConfig, output_dir: Path,
+                       log: Log):
+    """Table-3 statistics (dense vs each method at ``stats_ratio``, physically pruned) and text samples."""
+    from finercut.checkpoint import apply_removal
+    from finercut.evaluation.stats import greedy_samples, model_stats
+
+    chosen = [v for v in variants if v.method == "dense"]
+    chosen += [v for v in variants if v.method != "dense" and v.ratio == config.stats_ratio]
+    cache = output_dir / "results" / f"stats-{config.stats_context}-r{config.stats_ratio:g}.json"
+    if cache.exists():
+        saved = read_json(cache)
+        return saved["stats"], saved["samples"]
+    log(f"compare: model statistics and samples (dense vs ratio {config.stats_ratio:g})")
+    pruned_models = {}
+    for variant in chosen:
+        pruned = copy.deepcopy(model)
+        if variant.removed:
+            apply_removal(pruned, variant.removed)
+        pruned_models[variant.method] = pruned
+    context = min(config.stats_context, getattr(model.config, "max_position_embeddings", None) or config.stats_context)
+    stats = [row.to_dict() for row in model_stats(pruned_models, context_length=context)]
+    samples = {name: greedy_samples(m, tokenizer, config.prompts) for name, m in pruned_models.items()}
+    write_json_atomic(cache, {"stats": stats, "samples": samples})
+    return stats, samples
+
+
+def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str, Path]:
+    accuracy: dict[str, list] = {}
+    perplexity: dict[str, list] = {}
+    dense = next((r for v, r in zip(variants, results) if v.method == "dense"), None)
+    for variant, result in zip(variants, results):
+        if variant.method == "dense":
+            continue
+        label = METHODS[variant.method]["label"]
+        stages = result["stages"]
+        accuracy.setdefault(label, []).append((variant.summary["sublayer_ratio"], 100 * stages["tasks"]["average"]))
+        perplexity.setdefault(label, []).append((variant.summary["sublayer_ratio"],
+                                                 stages["windowed_perplexity"]["ppl"]))
+    if dense:
+        for label in accuracy:
+            accuracy[label].append((0.0, 100 * dense["stages"]["tasks"]["average"]))
+            perplexity[label].append((0.0, dense["stages"]["windowed_perplexity"]["ppl"]))
+    figures = {
+        "accuracy": plot_metric_vs_ratio(accuracy, figures_dir / "compare_accuracy.png",
+                                         ylabel="average accuracy (%)", title="Average zero/few-shot accuracy"),
+        "perplexity": plot_metric_vs_ratio(perplexity, figures_dir / "compare_perplexity.png",
+                                           ylabel="WikiText-2 perplexity (log)", title="WikiText-2 perplexity",
+                                           log_y=True),
+    }
+    for variant in variants:
+        if variant.method == "finercut" and variant.removed:
+            record = read_json(output_dir / "runs" / "finercut" / "record.json")
+            path = figures_dir / f"layer_map_finercut_r{variant.ratio:g}.png"
+            prefix = {**record, "reached": variant.summary}
+            figures[f"layer_map_{variant.ratio:g}"] = plot_layer_map(
+                list(variant.removed), record["model"]["num_blocks"], path, title=layer_map_title(prefix))
+    return figures
+
+
+def _pct(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+
+
+def format_report(config, variants, results, stats_rows, samples, figures, report_dir: Path, *, model_info, run,
+                  num_blocks: int, command: str, wall_seconds: float) -> str:
+    """The Markdown report: setup, Table-1-style results, figures, Table-3-style statistics, text samples."""
+    import lm_eval
+    import transformers
+
+    from finercut import __version__
+
+    tasks = list(config.tasks)
+    lines = [
+        f"# FinerCut vs. baselines on {model_info['id']}",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        command or "finercut compare ...",
+        "```",
+        "",
+        f"- model: `{model_info['id']}` ({model_info['architecture']}, {num_blocks} blocks), "
+        f"{run.dtype} on {run.device}, {run.threads} threads",
+        f"- calibration: {run.num_samples} samples x {run.seq_len} tokens of WikiText-2 (validation split, seed "
+        f"{run.seed}); FinerCut metric `{config.metric}`",
+        f"- zero-shot tasks: first {config.limit} documents each; MMLU 5-shot: first "
+        f"{config.mmlu_limit_per_subject} questions of each of 57 subjects; lm-eval {lm_eval.__version__}, offline "
+        "task definitions reading the local data files",
+        f"- perplexity (a): WikiText-2 test joined with blank lines, consecutive windows of {config.ppl_window} "
+        f"tokens ({'all' if config.ppl_max_windows is None else f'first {config.ppl_max_windows}'} windows); "
+        f"(b): lm-eval `wikitext` word perplexity on the first {config.lm_eval_wikitext_docs} documents, rebuilt "
+        "from the local rows at their top-level headings",
+        f"- finercut {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}; wall time {wall_seconds / 60:.0f} min on this machine "
+        "(evaluations already on disk are reused)",
+        "",
+        "Accuracy is `acc_norm` where lm-eval reports it (ARC, HellaSwag, OBQA, PIQA), else `acc`; ± is lm-eval's "
+        "standard error; the average is over the tasks shown. The ratio reached counts removed sub-layers / 2L "
+        "(a removed block counts 2).",
+        "",
+        "| method | target | reached | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks)
+        + " | average | ppl (a) | word ppl (b) |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+    ]
+    for variant, result in zip(variants, results):
+        stages = result["stages"]
+        scores = stages["tasks"]["scores"]
+        cells = []
+        for task in tasks:
+            score = scores[task]
+            metric = "acc" if score["acc_norm"] is None else "acc_norm"
+            cells.append(_pct(score[metric], score[f"{metric}_stderr"]))
+        label = "Dense" if variant.method == "dense" else METHODS[variant.method]["label"]
+        reached = variant.summary.get("sublayer_ratio", 0.0)
+        lines.append(
+            f"| {label} | {variant.ratio:.0%} | {reached:.1%} | " + " | ".join(cells)
+            + f" | {_pct(stages['tasks']['average'])} | {stages['windowed_perplexity']['ppl']:.2f} "
+            f"| {stages['lm_eval_wikitext']['word_perplexity']:.2f} |"
+        )
+    lines += ["", "## Figures", ""]
+    for name, path in figures.items():
+        lines.append(f"![{name}]({path.relative_to(report_dir).as_posix()})")
+        lines.append("")
+    from finercut.evaluation.stats import ModelStats, format_stats_table
+
+    lines += [
+        f"## Model statistics (dense vs. {config.stats_ratio:.0%} pruned, physically removed)", "",
+        f"MACs for a {config.stats_context}-token forward pass counted from the architecture; latency is the median "
+        f"forward time of one {config.stats_context}-token sequence and generation is greedy with the KV cache, "
+        "measured side by side in one process on this machine's CPU.", "",
+        format_stats_table([ModelStats(**row) for row in stats_rows]), "",
+        "## Text samples (greedy)", "",
+    ]
+    for i, prompt in enumerate(config.prompts):
+        lines.append(f"**Prompt:** {prompt}")
+        lines.append("")
+        for name, texts in samples.items():
+            label = "Dense" if name == "dense" else f"{METHODS[name]['label']} {config.stats_ratio:.0%}"
+            lines.append(f"- *{label}:* {texts[i].strip()}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
