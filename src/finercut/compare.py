@@ -59,6 +59,7 @@ class CompareConfig:
     ratios: tuple[float, ...] = (0.0, 0.1, 0.25, 0.4)
     metric: str = "js"
     data_dir: str | None = None
+    calibration: str = "wikitext2"
     num_samples: int = 10
     seq_len: int = 256
     seed: int = 0
@@ -96,6 +97,7 @@ class CompareConfig:
         return RunConfig(
             model=self.model, dtype=self.dtype, device=self.device, method=settings["method"],
             granularity=settings["granularity"], metric=self.metric, ratio=ratio, data_dir=self.data_dir,
+            calibration=self.calibration,
             num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed, threads=self.threads,
             save_model=False,
         )

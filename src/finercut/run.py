@@ -271,7 +271,9 @@ def discard_run_files(output_dir: Path) -> None:
 def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
     """Fill in what "auto"/None mean on this machine (or, resuming, what the saved run used)."""
     device = resolve_device(config.device) if not config.device_map else config.device
-    dtype = resolve_dtype(config.dtype, device if not config.device_map else "cuda")
+    # With a device map, accelerate places the model: on GPUs when there are any.
+    placement = device if not config.device_map else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(config.dtype, placement)
     source = resolve_model_source(config.model, config.revision)
     model = config.model if config.model is None or source.kind == "hub" else source.location
     data_dir = resolve_data_dir(config.data_dir)

@@ -153,7 +153,11 @@ def model_stats(models: dict[str, nn.Module], *, context_length: int, measure: b
     from finercut.checkpoint import parameter_stats
 
     latencies = forward_latencies(models, context_length=context_length, repeats=forward_repeats) if measure else {}
-    throughputs = generation_throughputs(models, repeats=generation_repeats) if measure else {}
+    positions = min(getattr(m.config, "max_position_embeddings", None) or 96 for m in models.values())
+    prompt_length = min(32, positions // 3)
+    throughputs = generation_throughputs(models, prompt_length=prompt_length,
+                                         new_tokens=min(64, positions - prompt_length),
+                                         repeats=generation_repeats) if measure else {}
     rows = []
     for name, model in models.items():
         sizes = parameter_stats(model)
