@@ -27,6 +27,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from finercut.calibration import DataError
 from finercut.evaluation.lm_eval_bridge import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks, format_results_table
 from finercut.evaluation.tasks.commonsense import capitalize_hellaswag_ctx_b, commonsense_task
 from finercut.evaluation.tasks.mmlu import mmlu_subject_task, mmlu_subjects
@@ -303,5 +304,5 @@ def test_without_a_data_dir_the_builtin_tasks_are_used_and_never_replaced_by_loc
     monkeypatch.delenv("FINERCUT_DATA_DIR", raising=False)
     model, tokenizer = tiny_model_and_tokenizer()
     # Offline here, so lm-eval's built-in boolq cannot fetch its hub dataset.
-    with pytest.raises(RuntimeError, match="built-in tasks.*hub.*data_dir="):
+    with pytest.raises(DataError, match="built-in tasks.*hub.*data_dir="):
         evaluate_tasks(model, tokenizer, tasks=["boolq"], limit=1)

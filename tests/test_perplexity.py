@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from finercut.calibration import CalibrationError, DataError
 from finercut.evaluation import perplexity
 from finercut.evaluation.perplexity import (
     DATA_DIR_ENV,
@@ -126,12 +127,12 @@ def test_missing_local_file_says_what_to_pass(tmp_path):
 
 def test_without_a_data_dir_the_hub_is_asked_and_its_failure_says_how_to_run_offline(monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    with pytest.raises(RuntimeError, match="wikitext/wikitext-2-raw-v1.*data_dir=.*FINERCUT_DATA_DIR"):
+    with pytest.raises(DataError, match="wikitext/wikitext-2-raw-v1.*data_dir=.*FINERCUT_DATA_DIR"):
         wikitext2_test_rows()  # offline here: the hub is unreachable, and no local file is used in its place
 
 
 def test_data_dir_that_does_not_exist_is_an_error_not_a_silent_hub_download(tmp_path):
-    with pytest.raises(NotADirectoryError, match="not a directory"):
+    with pytest.raises(CalibrationError, match="is not a folder"):
         wikitext2_test_rows(tmp_path / "nowhere")
 
 

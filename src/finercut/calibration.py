@@ -26,7 +26,11 @@ LOCAL_WIKITEXT2_VALID = Path("wikitext2") / "valid.tokens.txt"
 ROW_SEPARATOR = "\n\n"
 
 
-class CalibrationError(ValueError):
+class DataError(ValueError):
+    """A data file or dataset is missing or unreachable; the message says what to pass instead."""
+
+
+class CalibrationError(DataError):
     """The calibration source is missing, empty, unreadable or too short."""
 
 
@@ -40,9 +44,18 @@ class CalibrationSource:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """The data folder from the argument, else from ``FINERCUT_DATA_DIR``, else None."""
-    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
-    return Path(chosen).expanduser().resolve() if chosen is not None else None
+    """The offline data folder: ``data_dir`` if given, else ``$FINERCUT_DATA_DIR`` if set, else None (the hub).
+
+    Raises:
+        CalibrationError: the folder named by either does not exist.
+    """
+    chosen, origin = (data_dir, "--data-dir") if data_dir is not None else (os.environ.get(DATA_DIR_ENV), DATA_DIR_ENV)
+    if not chosen:
+        return None
+    root = Path(chosen).expanduser().resolve()
+    if not root.is_dir():
+        raise CalibrationError(f"{origin}={chosen!s} is not a folder; pass the folder holding wikitext2/ and tasks/")
+    return root
 
 
 def resolve_source(calibration: str, data_dir: str | os.PathLike | None) -> CalibrationSource:

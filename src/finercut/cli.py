@@ -239,7 +239,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         model=args.model, methods=tuple(args.methods.split(",")), ratios=tuple(float(r) for r in args.ratios.split(",")),
         metric=args.metric, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
         ppl_max_windows=args.ppl_max_windows, lm_eval_wikitext_docs=args.wikitext_docs,
-        eval_batch_size=args.batch_size, threads=args.threads,
+        eval_batch_size=args.batch_size, threads=args.threads, eval_threads=args.eval_threads,
     )
     command = "finercut compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "finercut compare"
     run_compare(config, args.output, report=args.report, command=command, progress=args.progress,
@@ -292,12 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random")
     compare.add_argument("--ratios", default="0,0.1,0.25,0.4", help="comma-separated; 0 is the dense model")
     compare.add_argument("--metric", default="js", help="FinerCut's distance")
-    compare.add_argument("--threads", type=int, help="CPU threads")
+    compare.add_argument("--threads", type=int, help="CPU threads of the pruning runs")
+    compare.add_argument("--eval-threads", type=int, help="CPU threads of the evaluations (default: --threads)")
     compare.add_argument("--output", "-o", required=True, help="folder for runs and cached results")
     compare.add_argument("--report", help="Markdown report path (default: OUTPUT/results.md)")
     compare.add_argument("--no-progress", dest="progress", action="store_false")
     _add_eval_options(compare)
-    compare.set_defaults(limit=200, mmlu_limit=3, wikitext_docs=10)
+    compare.set_defaults(limit=200, mmlu_limit=3, wikitext_docs=5)
     return parser
 
 

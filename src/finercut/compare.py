@@ -66,13 +66,15 @@ class CompareConfig:
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
+    eval_threads: int | None = None
+    """CPU threads for the evaluations (default: the pruning runs'); not part of any run's settings."""
     tasks: tuple[str, ...] = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                               "openbookqa", "mmlu")
     limit: int | None = 200
     mmlu_limit_per_subject: int | None = 3
     ppl_window: int = 2048
     ppl_max_windows: int | None = None
-    lm_eval_wikitext_docs: int | None = 10
+    lm_eval_wikitext_docs: int | None = 5
     eval_batch_size: int = 4
     stats_ratio: float = 0.25
     stats_context: int = 2048
@@ -202,7 +204,7 @@ def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | 
 
     first_run = next(iter(sorted((output_dir / "runs").glob("*/run.json"))))
     run = RunConfig.from_dict(read_json(first_run)["config"])
-    torch.set_num_threads(run.threads)
+    torch.set_num_threads(config.eval_threads or run.threads)
     source = resolve_model_source(run.model, run.revision)
     tokenizer = load_tokenizer(source)
     model, model_info = load_model(source, dtype=run.dtype, device=run.device)

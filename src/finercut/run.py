@@ -326,6 +326,11 @@ def run_in_folder(
             "--output folder (a shorter greedy run is a prefix of this one: see 'finercut apply --count')"
         )
     calibration_source = resolve_source(config.calibration, config.data_dir)
+    finished = _finished_record(output_dir, state, target, config)
+    if finished is not None:
+        log(f"finercut: {output_dir} already holds this finished run ({target} units removed); nothing to do")
+        return PruneResult(steps=state.completed, record=finished, output_dir=output_dir,
+                           resumed_steps=len(state.completed))
 
     # Cheap checks passed; load the tokenizer and draw the calibration samples (may still fail: too short).
     torch.set_num_threads(config.threads)
@@ -401,6 +406,17 @@ def save_pruned_model(result: PruneResult, *, num_blocks: int):
         result.model, result.output_dir / MODEL_DIR, tokenizer=result.tokenizer, dense_stats=dense_stats,
         overwrite=True, provenance={"run": str(result.output_dir), "source_model": result.record["model"]},
     )
+
+
+def _finished_record(output_dir: Path, state: FolderState, target: int, config: RunConfig) -> dict | None:
+    """The saved record if the folder already holds exactly this run, finished with all its outputs."""
+    record_file = output_dir / RECORD_FILE
+    if state.saved_config is None or len(state.completed) != target or not record_file.exists():
+        return None
+    if config.save_model and not (output_dir / MODEL_DIR).is_dir():
+        return None
+    record = read_json(record_file)
+    return record if len(record["steps"]) == target else None
 
 
 def layer_map_title(record: dict) -> str:

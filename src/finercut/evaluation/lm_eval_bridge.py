@@ -35,7 +35,7 @@ from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from finercut.evaluation.perplexity import resolve_data_dir
+from finercut.calibration import DataError, resolve_data_dir
 from finercut.evaluation.tasks import MMLU_NUM_FEWSHOT, commonsense_task, mmlu_group
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu")
@@ -219,7 +219,7 @@ def load_builtin(task_manager: TaskManager, names: Sequence[str]) -> list[Task |
     try:
         loaded = task_manager.load(list(names))
     except Exception as error:  # datasets raises several types for an unreachable hub
-        raise RuntimeError(
+        raise DataError(
             f"could not load lm-eval's built-in tasks {list(names)} from the Hugging Face hub ({error}); "
             "to run offline pass data_dir=<folder with tasks/ and wikitext2/> or set FINERCUT_DATA_DIR"
         ) from error

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,30 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-DATA_DIR_ENV = "FINERCUT_DATA_DIR"
+from finercut.calibration import DATA_DIR_ENV, DataError, resolve_data_dir
 WIKITEXT2_TEST_FILE = Path("wikitext2") / "test.json"
 HUB_WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
 DEFAULT_WINDOW_LENGTH = 2048
 
 # Float32 logits per log-softmax chunk: 256 MiB, e.g. 256 positions of a 262k vocabulary, 1365 of a 49k one.
 _LOGIT_CHUNK_BYTES = 256 * 2**20
-
-
-def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
-    """The offline data folder: ``data_dir`` if given, else ``$FINERCUT_DATA_DIR`` if set, else None (use the hub).
-
-    Raises:
-        NotADirectoryError: the folder named by either does not exist.
-    """
-    chosen, origin = (data_dir, "data_dir") if data_dir is not None else (os.environ.get(DATA_DIR_ENV), DATA_DIR_ENV)
-    if chosen is None or chosen == "":
-        return None
-    root = Path(chosen).expanduser()
-    if not root.is_dir():
-        raise NotADirectoryError(
-            f"{origin}={chosen!s} is not a directory; pass the folder holding wikitext2/ and tasks/"
-        )
-    return root
 
 
 def wikitext2_test_rows(data_dir: str | Path | None = None) -> list[str]:
@@ -59,7 +41,7 @@ def wikitext2_test_rows(data_dir: str | Path | None = None) -> list[str]:
 
     Raises:
         FileNotFoundError: the data dir has no ``wikitext2/test.json``.
-        RuntimeError: no data dir, and the hub dataset could not be loaded.
+        DataError: no data dir, and the hub dataset could not be loaded.
     """
     root = resolve_data_dir(data_dir)
     if root is None:
@@ -85,7 +67,7 @@ def _hub_wikitext2_test_rows() -> list[str]:
     try:
         return list(datasets.load_dataset(*HUB_WIKITEXT2, split="test")["text"])
     except Exception as error:  # an unreachable hub surfaces as several exception types
-        raise RuntimeError(
+        raise DataError(
             f"could not load {'/'.join(HUB_WIKITEXT2)} from the Hugging Face hub ({error}); to run offline pass "
             f"data_dir=<folder containing {WIKITEXT2_TEST_FILE}> or set {DATA_DIR_ENV}"
         ) from error
