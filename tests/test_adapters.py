@@ -108,3 +108,15 @@ def test_every_listed_architecture_has_an_adapter():
     from finercut.adapters import supported_model_types
 
     assert expected <= set(supported_model_types())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_adapter_logits_equal_the_models_own_output(name):
+    model = tiny_model(name, dtype=torch.float64)
+    adapter = adapter_for(model)
+    seen = {}
+    handle = adapter.blocks_of(model)[-1].register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        expected = model(tiny_input_ids(), use_cache=False).logits
+        handle.remove()
+        torch.testing.assert_close(adapter.logits(model, seen["out"]), expected, rtol=1e-12, atol=1e-12)

@@ -44,19 +44,34 @@ def test_block_influence_by_hand():
 
 
 def test_last_token_angular_distance_by_hand():
-    x = torch.tensor([[[5.0, 5.0], [1.0, 0.0]]])
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # two samples' last-position states
     assert last_token_angular_distance(x, -x) == pytest.approx(1.0)
-    assert last_token_angular_distance(x, torch.tensor([[[0.0, 0.0], [0.0, 3.0]]])) == pytest.approx(0.5)
+    assert last_token_angular_distance(x, torch.tensor([[0.0, 3.0], [-1.0, 1.0]])) == pytest.approx(0.5)
+    assert last_token_angular_distance(x, torch.tensor([[1.0, 1.0], [1.0, 1.0]])) == pytest.approx(0.125)
     assert last_token_angular_distance(x, 2 * x) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_best_contiguous_run_prefers_smallest_then_earliest():
-    states = [torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[0.0, 1.0]]]),
-              torch.tensor([[[1.0, 0.0]]])]
+    states = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]]),
+              torch.tensor([[1.0, 0.0]])]
     start, distances = best_contiguous_run(states, 1)
     assert start == 1 and distances == pytest.approx([0.5, 0.0, 0.5])
     start, distances = best_contiguous_run(states, 2)
     assert distances == pytest.approx([0.5, 0.5]) and start == 0
+
+
+def test_streamed_block_influences_equal_the_direct_formula(context):
+    from finercut.baselines import residual_summary
+    from finercut.scoring import run_block
+
+    influences, last_tokens = residual_summary(context)
+    (batch,) = context.batches
+    states = [batch.first_block_input]
+    with torch.inference_mode():
+        for i, block in enumerate(context.adapter.blocks_of(context.model)):
+            states.append(run_block(block, states[-1], batch.block_calls[i]))
+    assert influences == pytest.approx([block_influence(states[i], states[i + 1]) for i in range(LAYERS)], abs=1e-12)
+    assert torch.allclose(last_tokens[-1], states[-1][:, -1].float())
 
 
 def test_shortgpt_removes_the_identity_blocks_first(context):

@@ -8,6 +8,7 @@ from conftest import word_tokenizer
 
 from finercut.calibration import (
     CalibrationError,
+    DataError,
     calibration_samples,
     load_text,
     random_windows,
@@ -59,7 +60,7 @@ def test_without_a_data_dir_the_hub_is_used_and_its_failure_says_how_to_run_offl
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     source = resolve_source("wikitext2", None)
     assert source.kind == "hub"
-    with pytest.raises(CalibrationError, match="pass --data-dir or set FINERCUT_DATA_DIR"):
+    with pytest.raises(DataError, match=r"pass --data-dir \(data_dir=\) or set FINERCUT_DATA_DIR"):
         load_text(source)
 
 

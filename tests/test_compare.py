@@ -1,5 +1,6 @@
 """`finercut compare` end to end on a tiny model with tiny limits: runs, cached results, report, figures."""
 
+import dataclasses
 import json
 
 import pytest
@@ -40,3 +41,11 @@ def test_compare_writes_table_figures_and_reuses_results(tmp_path, config):
     assert {path.name: path.stat().st_mtime_ns for path in results} == before, "results on disk must be reused"
     stages = json.loads(next(p for p in results if not p.name.startswith("stats")).read_text())["stages"]
     assert set(stages) == {"windowed_perplexity", "lm_eval_wikitext", "tasks"}
+
+    # A smaller largest ratio reuses the longer runs as prefixes (and their evaluations) instead of refusing.
+    runs = sorted(path.name for path in (tmp_path / "compare" / "runs").iterdir())
+    smaller = dataclasses.replace(config, ratios=(0.0, 0.25))
+    text = run_compare(smaller, tmp_path / "compare", report=tmp_path / "small.md", log=lambda m: None,
+                       progress=False).read_text()
+    assert "| FinerCut | 25% | 25.0% |" in text and "50%" not in text.split("## Figures")[0]
+    assert sorted(path.name for path in (tmp_path / "compare" / "runs").iterdir()) == runs

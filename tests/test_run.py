@@ -140,7 +140,9 @@ def test_unknown_architecture(capsys, tmp_path, word_text, output):
 @pytest.mark.parametrize("option, value, message", [
     ("--ratio", "0", "ratio must be in (0, 1), got 0.0"),
     ("--ratio", "1.2", "ratio must be in (0, 1), got 1.2"),
-    ("--count", "9", "count 9 is larger than the 8 candidate units of this model"),
+    ("--count", "9", "count 9 must be smaller than the 8 candidate units of this model"),
+    ("--count", "8", "count 8 must be smaller than the 8 candidate units of this model: removing all of them"),
+    ("--ratio", "0.99", "ratio 0.99 (= 8 units) must be smaller than the 8 candidate units"),
     ("--metric", "kl", "unknown metric 'kl'; choose one of js, angular, euclidean, js_official"),
     ("--seq-len", "100", "sequence length 100 is longer than the model's context (64 positions)"),
     ("--dtype", "float8", "invalid dtype 'float8'"),
@@ -209,6 +211,45 @@ def test_float16_overflow_stops_with_advice(capsys, tmp_path, word_text, output)
     # Found while running (not a validation error), so the run folder exists; the message says what to do.
     assert main(prune_args(folder, word_text, output, "--dtype", "float16")) == 2
     assert "NaN or inf" in (error := capsys.readouterr().err) and "bfloat16 or float32" in error
+
+
+def test_block_methods_refuse_sublayer_granularity(capsys, tiny_model_dir, word_text, output):
+    assert_refused(capsys, prune_args(tiny_model_dir, word_text, output, "--method", "shortgpt", "--granularity",
+                                      "sublayer"), "method shortgpt removes whole blocks", output)
+
+
+def test_shortgpt_counts_blocks_and_extends_without_duplicating_steps(tmp_path, tiny_model_dir, word_text):
+    output = tmp_path / "shortgpt"
+    assert main(prune_args(tiny_model_dir, word_text, output, "--method", "shortgpt", "--ratio", "0.25")) == 0
+    first = read(output / "record.json")
+    assert first["granularity"] == "block" and first["reached"]["count"] == 1  # round(0.25 * 4 blocks)
+    assert first["reached"]["sublayer_ratio"] == 0.25
+    assert main(prune_args(tiny_model_dir, word_text, output, "--method", "shortgpt", "--ratio", "0.5")) == 0
+    extended = read(output / "record.json")
+    assert len(read(output / "progress.json")["steps"]) == 2 and extended["removed"][:1] == first["removed"]
+    assert main(prune_args(tiny_model_dir, word_text, output, "--method", "shortgpt", "--ratio", "0.5")) == 0
+
+
+def test_deeper_layers_cannot_be_extended(capsys, tmp_path, tiny_model_dir, word_text):
+    output = tmp_path / "deeper"
+    assert main(prune_args(tiny_model_dir, word_text, output, "--method", "deeper_layers", "--count", "1",
+                           "--no-save-model")) == 0
+    assert_refused(capsys, prune_args(tiny_model_dir, word_text, output, "--method", "deeper_layers", "--count",
+                                      "2", "--no-save-model"), "count: 1 -> 2", output)
+
+
+def test_apply_refuses_an_existing_folder_before_loading(capsys, tmp_path, uninterrupted):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "x").write_text("x")
+    assert main(["apply", str(uninterrupted), "--output", str(target)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_apply_writes_a_shorter_prefix(tmp_path, uninterrupted):
+    assert main(["apply", str(uninterrupted), "--count", "2", "--output", str(tmp_path / "two")]) == 0
+    summary = json.loads((tmp_path / "two" / "pruning.json").read_text())
+    assert summary["removed"] == read(uninterrupted / "record.json")["removed"][:2]
 
 
 def test_resume_without_a_run_is_refused(capsys, tmp_path):

@@ -69,8 +69,11 @@ class ArchitectureAdapter:
         Returns:
             ``[..., vocab]`` logits exactly as the model's own forward computes them.
         """
-        hidden = model.get_submodule(self.final_norm)(block_output)
-        logits = model.get_submodule(self.head)(hidden)
+        return self.head_logits(model, model.get_submodule(self.final_norm)(block_output))
+
+    def head_logits(self, model: nn.Module, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the final norm's output: ``[..., hidden] -> [..., vocab]`` (head, then soft-capping)."""
+        logits = model.get_submodule(self.head)(normed_hidden)
         cap = getattr(model.config, self.logit_softcap, None) if self.logit_softcap else None
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -89,7 +89,7 @@ def resolve_source(calibration: str, data_dir: str | os.PathLike | None) -> Cali
 def load_text(source: CalibrationSource) -> str:
     """The whole calibration text of ``source`` (rows joined with a blank line, as WikiText-2 is usually used)."""
     if source.kind == "hub":
-        return ROW_SEPARATOR.join(_hub_wikitext2_rows())
+        return ROW_SEPARATOR.join(hub_wikitext2_rows("train"))
     path = Path(source.path)
     try:
         if path.suffix == ".jsonl":
@@ -117,20 +117,22 @@ def _jsonl_text(line: str, path: Path, number: int) -> str:
     raise CalibrationError(f"{path}:{number}: each line must be a JSON string or an object with a 'text' field")
 
 
-def _hub_wikitext2_rows() -> list[str]:
+def hub_wikitext2_rows(split: str) -> list[str]:
+    """Rows of the Hugging Face ``wikitext``/``wikitext-2-raw-v1`` dataset split; a clear error when unreachable."""
     try:
         import datasets
     except ImportError as error:
-        raise CalibrationError(
+        raise DataError(
             "loading WikiText-2 from the Hugging Face hub needs the 'datasets' package (pip install datasets); "
-            f"or pass --data-dir / set {DATA_DIR_ENV} to a local data folder"
+            f"or pass --data-dir (data_dir=) / set {DATA_DIR_ENV} to a local data folder"
         ) from error
     try:
-        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
+        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
     except Exception as error:  # the hub client raises many error types when offline
-        raise CalibrationError(
-            f"could not load WikiText-2 from the Hugging Face hub ({type(error).__name__}: {error}). "
-            f"Offline, pass --data-dir or set {DATA_DIR_ENV} to a folder holding {LOCAL_WIKITEXT2_VALID}"
+        raise DataError(
+            f"could not load wikitext/wikitext-2-raw-v1 ({split} split) from the Hugging Face hub "
+            f"({type(error).__name__}: {error}). Offline, pass --data-dir (data_dir=) or set {DATA_DIR_ENV} to a "
+            "local data folder (wikitext2/valid.tokens.txt, wikitext2/test.json)"
         ) from error
 
 

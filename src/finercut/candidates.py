@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from finercut.pruned_modeling import ATTENTION, FFN
+from finercut.pruned_modeling import ATTENTION, BLOCK, FFN
 
-BLOCK = "block"
 KIND_ORDER = {ATTENTION: 0, FFN: 1, BLOCK: 0}
 GRANULARITIES = ("sublayer", "block")
 
@@ -53,6 +52,11 @@ def all_units(num_blocks: int, granularity: str) -> list[Unit]:
     if granularity == "block":
         return [Unit(b, BLOCK) for b in range(num_blocks)]
     raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+
+
+def count_units(num_blocks: int, granularity: str) -> int:
+    """Candidates of a model with ``num_blocks`` blocks: 2L sub-layers, or L blocks."""
+    return len(all_units(num_blocks, granularity))
 
 
 def removed_sublayers(units: Iterable[Unit]) -> list[Unit]:

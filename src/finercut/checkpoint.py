@@ -305,7 +305,7 @@ def save_pruned(
     if not is_pruned(model):
         raise ValueError("the model is not pruned; call apply_removal(model, removed) before save_pruned")
     path = Path(path).expanduser().resolve()
-    _check_target(path, overwrite=overwrite)
+    check_save_target(path, overwrite=overwrite)
     _drop_gguf_quantizer(model)
     before = dense_stats if dense_stats is not None else dense_parameter_stats(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,9 @@ def save_pruned(
     return report
 
 
-def _check_target(path: Path, *, overwrite: bool) -> None:
+def check_save_target(path: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, a model folder that :func:`save_pruned` would not be allowed to write."""
+    path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:

@@ -9,12 +9,14 @@ from typing import Sequence
 
 from finercut.adapters import UnsupportedArchitectureError
 from finercut.calibration import CalibrationError
+from finercut.candidates import Unit
 from finercut.modelio import ModelLoadError
 from finercut.record import ConfigError, RunConfig, read_json
 from finercut.distances import NonFiniteOutputError
 
 USER_ERRORS = (ConfigError, ModelLoadError, CalibrationError, UnsupportedArchitectureError, NonFiniteOutputError,
-               FileNotFoundError, ValueError)
+               ValueError, OSError)
+"""Errors that mean bad input or an unusable file: printed as one line, exit code 2 (no traceback)."""
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +101,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = run_in_folder(config, args.output, overwrite=args.overwrite, progress=args.progress,
                                log=lambda message: print(message, file=sys.stderr))
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished steps are kept in {Path(args.output) / 'progress.json'}.\n"
-              f"resume with: finercut prune --resume --output {args.output}", file=sys.stderr)
+        if (Path(args.output) / "run.json").is_file():
+            print(f"\ninterrupted: finished steps are kept in {Path(args.output) / 'progress.json'}.\n"
+                  f"resume with: finercut prune --resume --output {args.output}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
         return 130
     print(summarize_record(result.record, result.output_dir))
     for note in result.notes:
@@ -118,10 +123,7 @@ def summarize_record(record: dict, output_dir: Path | None = None) -> str:
         f"removed {reached['count']} units = {reached['sublayers']} sub-layers "
         f"({reached['attention']} attention, {reached['ffn']} FFN; {reached['whole_blocks']} blocks lost both); "
         f"sub-layer ratio reached {reached['sublayer_ratio']:.2%}",
-        "order: " + ", ".join(
-            f"{step['removed']['block']}.{'attn' if step['removed']['kind'] == 'attention' else step['removed']['kind']}"
-            for step in record["steps"]
-        ),
+        "order: " + ", ".join(str(Unit.from_dict(step["removed"])) for step in record["steps"]),
     ]
     timings = record.get("timings", {})
     if "search_seconds" in timings:
@@ -148,7 +150,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from finercut.checkpoint import apply_removal, parameter_stats, save_pruned
+    from finercut.checkpoint import apply_removal, check_save_target, parameter_stats, save_pruned
     from finercut.modelio import load_model, load_tokenizer, resolve_model_source
     from finercut.record import removed_units
 
@@ -161,6 +163,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if not 1 <= args.count <= len(units):
             raise ConfigError(f"--count must be between 1 and the {len(units)} units the record removed")
         units = units[: args.count]
+    check_save_target(Path(args.output), overwrite=args.overwrite)
     tokenizer = load_tokenizer(source)
     model, _ = load_model(source, dtype=args.dtype or saved.dtype, device="cpu")
     dense_stats = parameter_stats(model)
@@ -179,6 +182,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finercut.evaluation import evaluate_tasks, format_results_table, lm_eval_wikitext_perplexity
     from finercut.evaluation import windowed_perplexity
 
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--output {args.output}: its folder does not exist")
     model, tokenizer, label = _model_for_eval(args)
     results: dict = {"model": label}
     if args.ppl_max_windows != 0:
@@ -203,21 +208,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _model_for_eval(args: argparse.Namespace):
-    """A pruned folder, or a model with a run's removals masked, or the plain model."""
+    """A pruned folder, or a model with a run's removals applied, or the plain model."""
     from finercut.checkpoint import load_pruned, load_pruned_tokenizer
     from finercut.modelio import load_model, load_tokenizer, resolve_model_source
 
     if args.model and _is_pruned_folder(Path(args.model)):
         return load_pruned(args.model), load_pruned_tokenizer(args.model), f"pruned folder {args.model}"
-    source = resolve_model_source(args.model)
-    model, info = load_model(source, dtype=args.dtype or "auto", device="cpu")
+    record = read_json(Path(args.run) / "record.json") if args.run else None
+    model_name = args.model if args.model is not None or record is None else record["config"]["model"]
+    source = resolve_model_source(model_name)
+    model, info = load_model(source, dtype=args.dtype or "float32", device="cpu")
     tokenizer = load_tokenizer(source)
-    if not args.run:
+    if record is None:
         return model, tokenizer, info["id"]
     from finercut.checkpoint import apply_removal
     from finercut.record import removed_units
 
-    record = read_json(Path(args.run) / "record.json")
     units = removed_units(record)[: args.count]
     apply_removal(model, units, num_blocks=record["model"]["num_blocks"])
     return model, tokenizer, f"{info['id']} with {len(units)} units of {args.run} removed"
@@ -276,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="perplexity and zero/few-shot accuracy of a (pruned) model")
     evaluate.add_argument("model", nargs="?", help="pruned model folder, or a model (hub id, folder, .gguf; "
                                                    "default SmolLM2-135M-Instruct)")
-    evaluate.add_argument("--run", help="remove what this run's record removed (masked) before evaluating")
+    evaluate.add_argument("--run", help="remove what this run's record removed before evaluating (the model "
+                                        "defaults to the run's)")
     evaluate.add_argument("--count", type=int, help="with --run: only the first N removals")
     evaluate.add_argument("--dtype", help="dtype to load the model in")
     evaluate.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu",

@@ -22,16 +22,23 @@ from typing import Any, Callable, Sequence
 import torch
 
 from finercut.adapters import adapter_for
-from finercut.candidates import Unit, removed_sublayers, target_count
+from finercut.candidates import Unit, count_units, removed_sublayers, target_count
 from finercut.masking import masked
 from finercut.modelio import load_model, load_tokenizer, resolve_model_source
 from finercut.plots import plot_layer_map, plot_metric_vs_ratio
-from finercut.record import RunConfig, read_json, removal_summary, removed_units, write_json_atomic
-from finercut.run import layer_map_title, run_in_folder
+from finercut.record import (
+    RunConfig,
+    config_differences,
+    read_json,
+    removal_summary,
+    removed_units,
+    write_json_atomic,
+)
+from finercut.run import layer_map_title, resolve_run_config, run_in_folder
 
 Log = Callable[[str], None]
 
-METHODS: dict[str, dict[str, str]] = {
+COMPARE_METHODS: dict[str, dict[str, str]] = {
     "finercut": {"method": "finercut", "granularity": "sublayer", "label": "FinerCut"},
     "finercut_block": {"method": "finercut", "granularity": "block", "label": "FinerCut (block-level)"},
     "shortgpt": {"method": "shortgpt", "granularity": "block", "label": "ShortGPT"},
@@ -81,12 +88,14 @@ class CompareConfig:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(COMPARE_METHODS)}")
         bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
         if bad:
             raise ValueError(f"ratios must be in [0, 1) (0 = the dense model), got {bad}")
+        if not any(r > 0 for r in self.ratios) or not self.methods:
+            raise ValueError("compare needs at least one method and one ratio above 0")
 
     def evaluation_settings(self) -> dict:
         """The settings an evaluation result depends on (beyond the removed sub-layers)."""
@@ -95,7 +104,7 @@ class CompareConfig:
         return {key: getattr(self, key) for key in keys}
 
     def run_config(self, method: str, ratio: float) -> RunConfig:
-        settings = METHODS[method]
+        settings = COMPARE_METHODS[method]
         return RunConfig(
             model=self.model, dtype=self.dtype, device=self.device, method=settings["method"],
             granularity=settings["granularity"], metric=self.metric, ratio=ratio, data_dir=self.data_dir,
@@ -130,24 +139,34 @@ def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, l
     ratios = sorted(r for r in config.ratios if r > 0)
     variants = [Variant("dense", 0.0, ())] if 0.0 in config.ratios else []
     for method in config.methods:
-        granularity = METHODS[method]["granularity"]
+        granularity = COMPARE_METHODS[method]["granularity"]
         runs = ([(ratio, output_dir / "runs" / f"{method}-r{ratio:g}") for ratio in ratios]
                 if method in SELECTED_PER_RATIO else [(max(ratios), output_dir / "runs" / method)])
-        records = {}
-        for run_ratio, folder in runs:
-            log(f"compare: pruning with {method} to ratio {run_ratio:g} in {folder}")
-            records[run_ratio] = run_in_folder(config.run_config(method, run_ratio), folder, progress=progress,
-                                               log=log).record
+        records = {run_ratio: _pruned_record(config, method, run_ratio, folder, progress=progress, log=log)
+                   for run_ratio, folder in runs}
         for ratio in ratios:
             record = records.get(ratio, records[max(records)])
             num_blocks = record["model"]["num_blocks"]
-            units = removed_units(record)
-            total_units = num_blocks if granularity == "block" else 2 * num_blocks
-            count = target_count(ratio, total_units) if ratio > 0 else 0
-            kept = tuple(units[:count])
+            kept = tuple(removed_units(record)[: target_count(ratio, count_units(num_blocks, granularity))])
             variants.append(Variant(method, ratio, kept,
                                     removal_summary(kept, num_blocks=num_blocks, granularity=granularity)))
     return variants
+
+
+def _pruned_record(config: CompareConfig, method: str, ratio: float, folder: Path, *, progress: bool,
+                   log: Log) -> dict:
+    """The record of ``method`` pruned to ``ratio`` in ``folder``: reused if the folder already holds the same
+    run taken at least that far (a greedy run holds every shorter one as its prefix), else run or extended."""
+    run_config = config.run_config(method, ratio)
+    if (folder / "record.json").is_file() and method not in SELECTED_PER_RATIO:
+        saved = RunConfig.from_dict(read_json(folder / "run.json")["config"])
+        record = read_json(folder / "record.json")
+        needed = target_count(ratio, count_units(record["model"]["num_blocks"], saved.granularity))
+        if not config_differences(saved, resolve_run_config(run_config, saved)) and len(record["removed"]) >= needed:
+            log(f"compare: reusing {method} run in {folder} ({len(record['removed'])} units removed)")
+            return record
+    log(f"compare: pruning with {method} to ratio {ratio:g} in {folder}")
+    return run_in_folder(run_config, folder, progress=progress, log=log).record
 
 
 def evaluate_variant(model, tokenizer, variant: Variant, config: CompareConfig, results_dir: Path,
@@ -213,9 +232,10 @@ def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | 
 
     report_path = Path(report) if report else output_dir / "results.md"
     figures = _figures(variants, results, report_path.parent / "figures", output_dir)
-    num_blocks = read_json(first_run.parent / "record.json")["model"]["num_blocks"]
+    first_record = read_json(first_run.parent / "record.json")
     text = format_report(config, variants, results, stats_rows, samples, figures, report_path.parent,
-                         model_info=model_info, run=run, num_blocks=num_blocks, command=command,
+                         model_info=model_info, run=run, num_blocks=first_record["model"]["num_blocks"],
+                         calibration=first_record["calibration"]["description"], command=command,
                          wall_seconds=time.perf_counter() - started)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text, encoding="utf-8")
@@ -231,7 +251,9 @@ def _stats_and_samples(model, tokenizer, variants: Sequence[Variant], config: Co
 
     chosen = [v for v in variants if v.method == "dense"]
     chosen += [v for v in variants if v.method != "dense" and v.ratio == config.stats_ratio]
-    cache = output_dir / "results" / f"stats-{config.stats_context}-r{config.stats_ratio:g}.json"
+    key = json.dumps({"model": config.model, "context": config.stats_context, "prompts": config.prompts,
+                      "variants": {v.method: [u.to_dict() for u in v.sublayers] for v in chosen}}, sort_keys=True)
+    cache = output_dir / "results" / f"stats-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.exists():
         saved = read_json(cache)
         return saved["stats"], saved["samples"]
@@ -256,7 +278,7 @@ def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str
     for variant, result in zip(variants, results):
         if variant.method == "dense":
             continue
-        label = METHODS[variant.method]["label"]
+        label = COMPARE_METHODS[variant.method]["label"]
         stages = result["stages"]
         accuracy.setdefault(label, []).append((variant.summary["sublayer_ratio"], 100 * stages["tasks"]["average"]))
         perplexity.setdefault(label, []).append((variant.summary["sublayer_ratio"],
@@ -282,6 +304,32 @@ def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str
     return figures
 
 
+def _results_table(variants, results, tasks: list[str], *, headline: bool) -> list[str]:
+    """Table-1-style rows: per variant, each task's accuracy ± stderr, the average and both perplexities."""
+    lines = [
+        "| method | target | reached | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks)
+        + " | average | ppl (a) | word ppl (b) |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+    ]
+    for variant, result in zip(variants, results):
+        stages = result["stages"]
+        scores = stages["tasks"]["scores"]
+        cells = []
+        for task in tasks:
+            score = scores[task]
+            metric = "acc_norm" if headline and score["acc_norm"] is not None else "acc"
+            cells.append(_pct(score[metric], score[f"{metric}_stderr"]))
+        average = stages["tasks"]["average" if headline else "average_acc"]
+        label = "Dense" if variant.method == "dense" else COMPARE_METHODS[variant.method]["label"]
+        reached = variant.summary.get("sublayer_ratio", 0.0)
+        lines.append(
+            f"| {label} | {variant.ratio:.0%} | {reached:.1%} | " + " | ".join(cells)
+            + f" | {_pct(average)} | {stages['windowed_perplexity']['ppl']:.2f} "
+            f"| {stages['lm_eval_wikitext']['word_perplexity']:.2f} |"
+        )
+    return lines
+
+
 def _pct(value: float | None, stderr: float | None = None) -> str:
     if value is None:
         return "–"
@@ -289,7 +337,7 @@ def _pct(value: float | None, stderr: float | None = None) -> str:
 
 
 def format_report(config, variants, results, stats_rows, samples, figures, report_dir: Path, *, model_info, run,
-                  num_blocks: int, command: str, wall_seconds: float) -> str:
+                  num_blocks: int, calibration: str, command: str, wall_seconds: float) -> str:
     """The Markdown report: setup, Table-1-style results, figures, Table-3-style statistics, text samples."""
     import lm_eval
     import transformers
@@ -308,8 +356,8 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         "",
         f"- model: `{model_info['id']}` ({model_info['architecture']}, {num_blocks} blocks), "
         f"{run.dtype} on {run.device}, {run.threads} threads",
-        f"- calibration: {run.num_samples} samples x {run.seq_len} tokens of WikiText-2 (validation split, seed "
-        f"{run.seed}); FinerCut metric `{config.metric}`",
+        f"- calibration: {run.num_samples} random windows of {run.seq_len} tokens (seed {run.seed}) of {calibration}; "
+        f"FinerCut metric `{config.metric}`",
         f"- zero-shot tasks: first {config.limit} documents each; MMLU 5-shot: first "
         f"{config.mmlu_limit_per_subject} questions of each of 57 subjects; lm-eval {lm_eval.__version__}, offline "
         "task definitions reading the local data files",
@@ -323,27 +371,14 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         "",
         "Accuracy is `acc_norm` where lm-eval reports it (ARC, HellaSwag, OBQA, PIQA), else `acc`; ± is lm-eval's "
         "standard error; the average is over the tasks shown. The ratio reached counts removed sub-layers / 2L "
-        "(a removed block counts 2).",
+        "(a removed block counts 2). Plain `acc` for every task follows in the second table.",
         "",
-        "| method | target | reached | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks)
-        + " | average | ppl (a) | word ppl (b) |",
-        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+        *_results_table(variants, results, tasks, headline=True),
+        "",
+        "Plain `acc` (no length normalisation):",
+        "",
+        *_results_table(variants, results, tasks, headline=False),
     ]
-    for variant, result in zip(variants, results):
-        stages = result["stages"]
-        scores = stages["tasks"]["scores"]
-        cells = []
-        for task in tasks:
-            score = scores[task]
-            metric = "acc" if score["acc_norm"] is None else "acc_norm"
-            cells.append(_pct(score[metric], score[f"{metric}_stderr"]))
-        label = "Dense" if variant.method == "dense" else METHODS[variant.method]["label"]
-        reached = variant.summary.get("sublayer_ratio", 0.0)
-        lines.append(
-            f"| {label} | {variant.ratio:.0%} | {reached:.1%} | " + " | ".join(cells)
-            + f" | {_pct(stages['tasks']['average'])} | {stages['windowed_perplexity']['ppl']:.2f} "
-            f"| {stages['lm_eval_wikitext']['word_perplexity']:.2f} |"
-        )
     lines += ["", "## Figures", ""]
     for name, path in figures.items():
         lines.append(f"![{name}]({path.relative_to(report_dir).as_posix()})")
@@ -362,7 +397,7 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         lines.append(f"**Prompt:** {prompt}")
         lines.append("")
         for name, texts in samples.items():
-            label = "Dense" if name == "dense" else f"{METHODS[name]['label']} {config.stats_ratio:.0%}"
+            label = "Dense" if name == "dense" else f"{COMPARE_METHODS[name]['label']} {config.stats_ratio:.0%}"
             lines.append(f"- *{label}:* {texts[i].strip()}")
         lines.append("")
     return "\n".join(lines) + "\n"

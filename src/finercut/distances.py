@@ -108,22 +108,26 @@ def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
+def _vocab_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the vocabulary, accumulated in float64 (float32 where the device has no float64, i.e. MPS)."""
+    return x.sum(dim=-1, dtype=torch.float32 if x.device.type == "mps" else torch.float64)
+
+
 def _prepare_js(ref_logits: torch.Tensor) -> PreparedReference:
-    log_p = torch.log_softmax(_float(ref_logits), dim=-1)
-    p = log_p.exp()
-    neg_entropy_p = torch.special.xlogy(p, p).sum(dim=-1)
-    return p, neg_entropy_p
+    p = torch.log_softmax(_float(ref_logits), dim=-1).exp_()
+    return p, _vocab_sum(torch.special.xlogy(p, p))
 
 
 def _js_per_position(prepared: PreparedReference, logits: torch.Tensor) -> torch.Tensor:
     # JS = ½(Σ P log P + Σ Q log Q) - Σ M log M: the original's Σ P log P is prepared once, so each candidate
-    # costs a log-softmax, an exp and two xlogy passes over the vocabulary. Q is computed exactly as P was, so
-    # an output identical to the original's scores exactly 0 and exact ties stay ties.
+    # costs a log-softmax, an exp and two xlogy passes over the vocabulary. The three sums are accumulated in
+    # float64, which keeps their difference (a small number from sums of several nats) accurate in float32.
+    # Q is computed exactly as P was, so an output identical to the original's scores exactly 0.
     p, neg_entropy_p = prepared
     q = torch.log_softmax(_float(logits), dim=-1).exp_()
-    neg_entropy_q = torch.special.xlogy(q, q).sum(dim=-1)
+    neg_entropy_q = _vocab_sum(torch.special.xlogy(q, q))
     m = q.add_(p).mul_(0.5)
-    neg_entropy_m = torch.special.xlogy(m, m).sum(dim=-1)
+    neg_entropy_m = _vocab_sum(torch.special.xlogy(m, m))
     return (0.5 * (neg_entropy_p + neg_entropy_q) - neg_entropy_m).clamp_(min=0.0)
 
 
@@ -135,7 +139,7 @@ def _js_official_per_position(prepared: PreparedReference, logits: torch.Tensor)
     (log_p,) = prepared
     log_q = _log_softmax_(_float(logits))
     m = log_q.exp().add_(log_p.exp()).mul_(0.5)
-    total = 2 * torch.special.xlogy(m, m).sum(dim=-1) - (m * log_p).sum(dim=-1) - (m * log_q).sum(dim=-1)
+    total = 2 * _vocab_sum(torch.special.xlogy(m, m)) - _vocab_sum(m * log_p) - _vocab_sum(m * log_q)
     return 0.5 * total / logits.shape[-1]
 
 

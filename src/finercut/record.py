@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from finercut.candidates import GRANULARITIES, Unit, removed_sublayers, target_count
+from finercut.candidates import GRANULARITIES, Unit, count_units, first_window_block, removed_sublayers, target_count
 from finercut.distances import METRICS
 from finercut.pruned_modeling import ATTENTION, FFN
 from finercut.search import Step
@@ -22,8 +22,14 @@ from finercut.search import Step
 RUN_FORMAT = "finercut-run/1"
 RECORD_FORMAT = "finercut-record/1"
 PROGRESS_FORMAT = "finercut-progress/1"
-METHODS = ("finercut", "shortgpt", "deeper_layers", "random")
-SCORERS = ("fast", "naive")
+METHOD_GRANULARITIES = {
+    "finercut": ("sublayer", "block"),
+    "random": ("sublayer", "block"),
+    "shortgpt": ("block",),
+    "deeper_layers": ("block",),
+}
+"""Pruning methods and the granularities each supports; the first is its default."""
+SCORER_NAMES = ("fast", "naive")
 
 
 class ConfigError(ValueError):
@@ -46,7 +52,9 @@ class RunConfig:
     device: str = "auto"
     device_map: str | None = None
     method: str = "finercut"
-    granularity: str = "sublayer"
+    granularity: str | None = None
+    """sublayer (attention and FFN separately) or block; None: the method's own (block for ShortGPT and
+    DeeperLayers, which score whole blocks)."""
     metric: str = "js"
     ratio: float | None = None
     """Layer pruning ratio r; removes round(r * units). Exactly one of ratio and count."""
@@ -67,10 +75,14 @@ class RunConfig:
     save_model: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, tuple(METHOD_GRANULARITIES))
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", METHOD_GRANULARITIES[self.method][0])
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.granularity not in METHOD_GRANULARITIES[self.method]:
+            raise ConfigError(f"method {self.method} removes whole blocks; use granularity block (or leave it unset)")
         _check_choice("metric", self.metric, tuple(METRICS))
-        _check_choice("scorer", self.scorer, SCORERS)
+        _check_choice("scorer", self.scorer, SCORER_NAMES)
         if (self.ratio is None) == (self.count is None):
             raise ConfigError("give exactly one of ratio and count")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
@@ -86,18 +98,19 @@ class RunConfig:
             if value is not None and value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, got {value}")
 
-    def target(self, total_units: int) -> int:
-        """Units to remove in a model with ``total_units`` candidates."""
+    def target(self, num_blocks: int) -> int:
+        """Units to remove from a model with ``num_blocks`` blocks (at least one, and never all of them)."""
+        total_units = count_units(num_blocks, self.granularity)
         count = self.count if self.count is not None else target_count(self.ratio, total_units)
-        if count > total_units:
-            raise ConfigError(f"count {count} is larger than the {total_units} candidate units of this model")
+        if count >= total_units:
+            what = f"count {count}" if self.count is not None else f"ratio {self.ratio} (= {count} units)"
+            raise ConfigError(f"{what} must be smaller than the {total_units} candidate units of this model: "
+                              "removing all of them leaves no model")
         if count < 1:
             raise ConfigError(f"ratio {self.ratio} removes nothing from a model with {total_units} units")
         return count
 
     def first_candidate_block(self, num_blocks: int) -> int:
-        from finercut.candidates import first_window_block
-
         if self.window_first_block is not None:
             if self.window_first_block >= num_blocks:
                 raise ConfigError(f"window_first_block {self.window_first_block} >= number of blocks {num_blocks}")
@@ -125,14 +138,20 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 TARGET_FIELDS = ("ratio", "count")
+SELECTED_PER_TARGET = ("deeper_layers",)
+"""Methods whose selection for n units need not contain the one for n-1: a run cannot be extended."""
 
 
 def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
-    """Fields (other than the target) in which two run configs differ, as ``name: saved -> new`` lines."""
+    """Fields in which two run configs differ, as ``name: saved -> new`` lines.
+
+    The target (ratio or count) may differ where a larger one extends the run (prefix-consistent methods).
+    """
+    ignored = () if saved.method in SELECTED_PER_TARGET else TARGET_FIELDS
     return [
         f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}"
         for f in fields(RunConfig)
-        if f.name not in TARGET_FIELDS and getattr(saved, f.name) != getattr(new, f.name)
+        if f.name not in ignored and getattr(saved, f.name) != getattr(new, f.name)
     ]
 
 
@@ -178,10 +197,9 @@ def removal_summary(removed_units: Sequence[Unit], *, num_blocks: int, granulari
     sublayers = removed_sublayers(removed_units)
     attention_blocks = {unit.block for unit in sublayers if unit.kind == ATTENTION}
     ffn_blocks = {unit.block for unit in sublayers if unit.kind == FFN}
-    total_units = num_blocks if granularity == "block" else 2 * num_blocks
     return {
         "count": len(removed_units),
-        "ratio": len(removed_units) / total_units,
+        "ratio": len(removed_units) / count_units(num_blocks, granularity),
         "sublayers": len(sublayers),
         "sublayer_ratio": len(sublayers) / (2 * num_blocks),
         "attention": len(attention_blocks),

@@ -21,7 +21,7 @@ from torch import nn
 from finercut import baselines
 from finercut.adapters import ArchitectureAdapter, adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
-from finercut.candidates import Unit, all_units, window_applies
+from finercut.candidates import Unit, count_units, window_applies
 from finercut.distances import metric_named
 from finercut.modelio import (
     load_config,
@@ -79,13 +79,9 @@ class PruneResult:
         return [step.unit for step in self.steps]
 
 
-def num_units(num_blocks: int, granularity: str) -> int:
-    return len(all_units(num_blocks, granularity))
-
-
 def planned_evaluations(*, num_blocks: int, config: RunConfig, done: int, target: int) -> int:
     """Candidate evaluations left, assuming removals come from the window while it applies (for the ETA)."""
-    units = num_units(num_blocks, config.granularity)
+    units = count_units(num_blocks, config.granularity)
     first = config.first_candidate_block(num_blocks)
     window_units = units - (first * (units // num_blocks))
     return sum(
@@ -98,7 +94,10 @@ def find_steps(
     context: ScoringContext, config: RunConfig, *, num_blocks: int, target: int, completed: Sequence[Step] = (),
     on_step: Callable[[Step], None] | None = None, progress: bool = False,
 ) -> list[Step]:
-    """Run ``config.method`` on a scoring context: the greedy search for FinerCut, one shot for baselines."""
+    """Run ``config.method`` on a scoring context: the greedy search for FinerCut, one shot for baselines.
+
+    Baselines select everything at once from the original model, so they ignore ``completed`` and ``on_step``.
+    """
     if config.method == "shortgpt":
         return baselines.shortgpt_steps(context, count=target)
     if config.method == "deeper_layers":
@@ -139,7 +138,8 @@ def _progress_bar(*, num_blocks: int, config: RunConfig, done: int, target: int,
 
 def prune(
     model: nn.Module, tokenizer: Any = None, *, ratio: float | None = None, count: int | None = None,
-    method: str = "finercut", metric: str = "js", granularity: str = "sublayer", input_ids: torch.Tensor | None = None,
+    method: str = "finercut", metric: str = "js", granularity: str | None = None,
+    input_ids: torch.Tensor | None = None,
     calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None, num_samples: int = 10,
     seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast",
     window_until_ratio: float = 0.4, window_fraction: float = 0.4, window_first_block: int | None = None,
@@ -148,7 +148,7 @@ def prune(
     """Find which sub-layers of an in-memory model to remove; the model is left unchanged.
 
     Args:
-        model: a ``transformers`` causal LM of a supported architecture, in eval mode.
+        model: a ``transformers`` causal LM of a supported architecture (run in eval mode, then restored).
         tokenizer: needed unless ``input_ids`` is given.
         ratio: layer pruning ratio r: removes round(r * 2L) sub-layers (round(r * L) blocks). Default 0.25
             when ``count`` is not given either.
@@ -161,17 +161,18 @@ def prune(
     """
     if ratio is None and count is None:
         ratio = 0.25
+    data_folder = resolve_data_dir(data_dir)
     config = RunConfig(
         method=method, granularity=granularity, metric=metric, ratio=ratio, count=count,
         window_until_ratio=window_until_ratio, window_fraction=window_fraction,
         window_first_block=window_first_block, calibration=calibration,
-        data_dir=str(resolve_data_dir(data_dir)) if resolve_data_dir(data_dir) else None,
-        num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size, scorer=scorer,
-        threads=torch.get_num_threads(), save_model=False,
+        data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
+        batch_size=batch_size, scorer=scorer, threads=torch.get_num_threads(), save_model=False,
     )
     adapter = adapter_for(model)
     num_blocks = adapter.num_blocks(model)
-    target = config.target(num_units(num_blocks, granularity))
+    target = config.target(num_blocks)
+    window_first = config.first_candidate_block(num_blocks)
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("pass a tokenizer, or calibration token ids as input_ids")
@@ -184,18 +185,24 @@ def prune(
         check_context_length(model.config, input_ids.shape[1])
         calibration_info = {"source": "tensor", "description": "token ids passed through the API",
                             **samples_info(input_ids, seed=None)}
+    was_training = model.training
+    model.eval()  # dropout would make every score random
     started = time.perf_counter()
-    context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=batch_size)
-    reference_seconds = time.perf_counter() - started
     try:
-        steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress)
+        context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=batch_size)
+        reference_seconds = time.perf_counter() - started
+        try:
+            steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress)
+        finally:
+            context.close()
     finally:
-        context.close()
+        model.train(was_training)
     record = build_record(
         config=config, model_info=_model_info(model), calibration_info=calibration_info,
         environment=environment_info(threads=torch.get_num_threads(), device=str(model.device)), steps=steps,
-        num_blocks=num_blocks, target=target, window_first_block=config.first_candidate_block(num_blocks),
-        timings={"reference_seconds": reference_seconds, "search_seconds": time.perf_counter() - started - reference_seconds},
+        num_blocks=num_blocks, target=target, window_first_block=window_first,
+        timings={"reference_seconds": reference_seconds,
+                 "search_seconds": time.perf_counter() - started - reference_seconds},
     )
     return PruneResult(steps=steps, record=record)
 
@@ -317,7 +324,7 @@ def run_in_folder(
     model_config = load_config(source)
     adapter = adapter_for_config(model_config)
     num_blocks = int(getattr(model_config, adapter.num_layers))
-    target = config.target(num_units(num_blocks, config.granularity))
+    target = config.target(num_blocks)
     config.first_candidate_block(num_blocks)
     check_context_length(model_config, config.seq_len)
     if len(state.completed) > target:
@@ -351,32 +358,42 @@ def run_in_folder(
     write_json_atomic(output_dir / RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
     log(f"finercut: {config.method} on {model_info['id']} ({adapter.name}, {num_blocks} blocks), removing "
         f"{target} {'blocks' if config.granularity == 'block' else 'sub-layers'}; output in {output_dir}")
-    if state.completed:
-        log(f"resuming after {len(state.completed)} finished steps")
+    # Baselines select everything at once from the original model: nothing of an earlier run carries over.
+    one_shot = config.method != "finercut"
+    completed = [] if one_shot else list(state.completed)
+    if completed:
+        log(f"resuming after {len(completed)} finished steps")
+
+    def write_progress(steps: Sequence[Step]) -> None:
+        write_json_atomic(output_dir / PROGRESS_FILE, {
+            "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
+            "steps": [step.to_dict() for step in steps],
+        })
+
+    steps_so_far = list(completed)
 
     def save_progress(step: Step) -> None:
         steps_so_far.append(step)
-        write_json_atomic(output_dir / PROGRESS_FILE, {
-            "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
-            "steps": [s.to_dict() for s in steps_so_far],
-        })
+        write_progress(steps_so_far)
 
-    steps_so_far = list(state.completed)
     started = time.perf_counter()
-    context = ScoringContext.build(model, adapter, metric_named(config.metric), input_ids,
-                                   batch_size=config.batch_size)
-    reference_seconds = time.perf_counter() - started
-    kill_hook = _install_test_kill_hook(model, adapter, lambda: len(steps_so_far))
-    try:
-        steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=state.completed,
-                           on_step=save_progress, progress=progress)
-    finally:
-        context.close()
-        if kill_hook:
-            kill_hook.remove()
-    if config.method != "finercut":
-        for step in steps:
-            save_progress(step)
+    reference_seconds = 0.0
+    if len(completed) == target:  # the search finished earlier; only its outputs are missing
+        steps = completed
+    else:
+        context = ScoringContext.build(model, adapter, metric_named(config.metric), input_ids,
+                                       batch_size=config.batch_size)
+        reference_seconds = time.perf_counter() - started
+        kill_hook = _install_test_kill_hook(model, adapter, lambda: len(steps_so_far))
+        try:
+            steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=completed,
+                               on_step=save_progress, progress=progress)
+        finally:
+            context.close()
+            if kill_hook:
+                kill_hook.remove()
+        if one_shot:
+            write_progress(steps)
 
     record = build_record(
         config=config, model_info=model_info, calibration_info=calibration_info,
@@ -384,13 +401,13 @@ def run_in_folder(
         num_blocks=num_blocks, target=target, window_first_block=config.first_candidate_block(num_blocks),
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds,
-                 "resumed_steps": len(state.completed)},
+                 "resumed_steps": len(completed)},
     )
     write_json_atomic(output_dir / RECORD_FILE, record)
     plot_layer_map([s.unit for s in steps], num_blocks, output_dir / LAYER_MAP_FILE,
                    title=layer_map_title(record))
     result = PruneResult(steps=steps, record=record, output_dir=output_dir, model=model, tokenizer=tokenizer,
-                         resumed_steps=len(state.completed))
+                         resumed_steps=len(completed))
     if config.save_model:
         result.notes.append(save_pruned_model(result, num_blocks=num_blocks).format())
     return result
@@ -400,6 +417,8 @@ def save_pruned_model(result: PruneResult, *, num_blocks: int):
     """Physically remove the found units from the run's model and save it to ``<output>/model``."""
     from finercut.checkpoint import apply_removal, parameter_stats, save_pruned
 
+    for stale in result.output_dir.glob(f".{MODEL_DIR}.partial-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     dense_stats = parameter_stats(result.model)
     apply_removal(result.model, result.removed, num_blocks=num_blocks)
     return save_pruned(

@@ -124,7 +124,8 @@ class ReferenceOutput:
         self.chunk_rows = chunk_rows
         vocab = model.get_submodule(adapter.head).out_features
         rows = sum(batch.reference_output.shape[0] * batch.reference_output.shape[1] for batch in batches)
-        self.keeps_prepared = rows * vocab * 4 <= max_bytes
+        bytes_per_value = 8 if model.dtype == torch.float64 else 4  # distances run in float32 or float64
+        self.keeps_prepared = rows * vocab * bytes_per_value <= max_bytes
         # Preparing every chunk once also checks that the original output is finite.
         self._prepared: list[list[PreparedReference]] = []
         for batch in batches:
@@ -157,11 +158,6 @@ class ReferenceOutput:
         else:
             for rows in self._row_chunks(self.batches[batch_index].reference_output):
                 yield self._prepare(rows)
-
-    def reference_logits(self, batch_index: int) -> Iterator[torch.Tensor]:
-        """``[chunk_rows, vocab]`` original logits of batch ``batch_index``, chunk by chunk (for the naive path)."""
-        for rows in self._row_chunks(self.batches[batch_index].reference_output):
-            yield self.adapter.logits(self.model, rows)
 
 
 @dataclass
@@ -220,22 +216,22 @@ class ScoringContext:
         """Block runs over the whole calibration set so far (each block call on a batch counts its share)."""
         return self.block_rows // self.num_samples
 
-    def distance_sum(self, batch_index: int, last_block_output: torch.Tensor) -> torch.Tensor:
-        """Sum over positions of the metric between the original and this output (fast path, in place).
+    def distance_sum(self, batch_index: int, hidden: torch.Tensor, *, normed: bool = False) -> float:
+        """Sum over positions of the metric between the original output and the one from ``hidden``.
+
+        Works chunk by chunk of positions against the prepared reference, so that full-vocabulary logits never
+        exist for more than ``chunk_rows`` positions.
 
         Args:
-            last_block_output: ``[batch, seq, hidden]``.
-
-        Returns:
-            A float64 scalar tensor.
+            hidden: ``[batch, seq, hidden]`` the last block's output, or with ``normed`` the final norm's.
         """
-        rows = last_block_output.reshape(-1, last_block_output.shape[-1])
-        total = torch.zeros((), dtype=torch.float64, device=rows.device)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        to_logits = self.adapter.head_logits if normed else self.adapter.logits
+        total = 0.0
         for chunk_index, prepared in enumerate(self.reference.chunks(batch_index)):
             start = chunk_index * self.chunk_rows
-            logits = self.adapter.logits(self.model, rows[start : start + self.chunk_rows])
-            per_position = self.metric.per_position(prepared, logits)
-            total += per_position.sum(dtype=torch.float64).to(total.device)
+            logits = to_logits(self.model, rows[start : start + self.chunk_rows])
+            total += float(self.metric.per_position(prepared, logits).sum())
         return total
 
 
@@ -274,8 +270,7 @@ class FastScorer:
             for unit in candidates:
                 with masked(context.model, context.adapter, [unit]):
                     total = sum(
-                        context.distance_sum(b, self._replay_from(b, unit.block)).item()
-                        for b in range(len(context.batches))
+                        context.distance_sum(b, self._replay_from(b, unit.block)) for b in range(len(context.batches))
                     )
                 distance = check_finite(total / context.num_positions, unit, context.model.dtype)
                 results.append((unit, distance))
@@ -328,7 +323,11 @@ class FastScorer:
 
 
 class NaiveScorer:
-    """Scores every candidate with full forwards of the masked model and the plain distance functions."""
+    """Scores every candidate with a full forward of the masked model through its own ``transformers`` code.
+
+    Only the forward differs from :class:`FastScorer`: the output head and the distance are computed the same
+    way (chunked, against the same prepared reference), so comparing the two measures what caching saves.
+    """
 
     def __init__(self, context: ScoringContext) -> None:
         self.context = context
@@ -358,14 +357,8 @@ class NaiveScorer:
     def _batch_distance_sum(self, batch_index: int) -> float:
         context = self.context
         input_ids = context.batches[batch_index].input_ids.to(context.model.device)
-        logits = context.model(input_ids=input_ids, use_cache=False).logits
-        rows = logits.reshape(-1, logits.shape[-1])
-        total = 0.0
-        for chunk_index, ref_logits in enumerate(context.reference.reference_logits(batch_index)):
-            start = chunk_index * context.chunk_rows
-            chunk = rows[start : start + context.chunk_rows]
-            total += context.metric.distance(ref_logits, chunk.to(ref_logits.device)).sum(dtype=torch.float64).item()
-        return total
+        normed = context.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        return context.distance_sum(batch_index, normed, normed=True)
 
 
 SCORERS: dict[str, Callable[[ScoringContext], Any]] = {"fast": FastScorer, "naive": NaiveScorer}

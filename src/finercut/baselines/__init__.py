@@ -34,46 +34,58 @@ def block_influence(block_input: torch.Tensor, block_output: torch.Tensor) -> fl
 
 
 def last_token_angular_distance(earlier: torch.Tensor, later: torch.Tensor) -> float:
-    """Gromov et al.'s distance: ``arccos(cos) / pi`` of two residual states at the last token, sample mean.
+    """Gromov et al.'s distance of two residual states at the last token: ``arccos(cos) / pi``, sample mean.
 
     Args:
-        earlier, later: ``[samples, seq, hidden]``.
+        earlier, later: ``[samples, hidden]`` the states at each sample's last position.
     """
-    cosine = _cosine(earlier[:, -1], later[:, -1]).clamp(-1.0, 1.0)
+    cosine = _cosine(earlier, later).clamp(-1.0, 1.0)
     return float((torch.arccos(cosine) / math.pi).mean())
 
 
-def best_contiguous_run(residuals: Sequence[torch.Tensor], length: int) -> tuple[int, list[float]]:
+def best_contiguous_run(last_tokens: Sequence[torch.Tensor], length: int) -> tuple[int, list[float]]:
     """Start of the ``length`` consecutive blocks whose input and output are closest (earliest on ties).
 
     Args:
-        residuals: ``L + 1`` states ``[samples, seq, hidden]``: the input of each block, then the last output.
+        last_tokens: ``L + 1`` last-position states ``[samples, hidden]``: each block's input, then the last
+            block's output.
 
     Returns:
         The best start and the distance of every start ``0..L-length``.
     """
-    num_blocks = len(residuals) - 1
+    num_blocks = len(last_tokens) - 1
     if not 1 <= length <= num_blocks:
         raise ValueError(f"cannot remove {length} consecutive blocks of {num_blocks}")
-    distances = [last_token_angular_distance(residuals[s], residuals[s + length]) for s in range(num_blocks - length + 1)]
+    distances = [last_token_angular_distance(last_tokens[s], last_tokens[s + length])
+                 for s in range(num_blocks - length + 1)]
     return min(range(len(distances)), key=lambda s: (distances[s], s)), distances
 
 
 @torch.inference_mode()
-def original_residuals(context: ScoringContext) -> list[torch.Tensor]:
-    """The original model's residual stream at every block boundary, all samples concatenated.
+def residual_summary(context: ScoringContext) -> tuple[list[float], list[torch.Tensor]]:
+    """One pass of the original model: every block's influence, and the residual stream's last-position states.
+
+    Streams over blocks and batches, holding one ``[batch, seq, hidden]`` state at a time.
 
     Returns:
-        ``L + 1`` tensors ``[samples, seq, hidden]`` on the CPU: each block's input, then the last block's output.
+        ``L`` block influences, and ``L + 1`` tensors ``[samples, hidden]`` on the CPU: each block's input at the
+        last position, then the last block's output there.
     """
     blocks = context.adapter.blocks_of(context.model)
-    per_batch = []
+    cosine_sums = [0.0] * len(blocks)
+    positions = 0
+    last_tokens: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
     for batch in context.batches:
-        states = [batch.first_block_input]
+        hidden = batch.first_block_input
+        last_tokens[0].append(hidden[:, -1].float().cpu())
         for i, block in enumerate(blocks):
-            states.append(run_block(block, states[-1], batch.block_calls[i]))
-        per_batch.append([state.float().cpu() for state in states])
-    return [torch.cat([states[i] for states in per_batch]) for i in range(len(blocks) + 1)]
+            output = run_block(block, hidden, batch.block_calls[i])
+            cosine_sums[i] += float(_cosine(hidden, output).sum())
+            last_tokens[i + 1].append(output[:, -1].float().cpu())
+            hidden = output
+        positions += batch.input_ids.numel()
+    influences = [1.0 - total / positions for total in cosine_sums]
+    return influences, [torch.cat(states) for states in last_tokens]
 
 
 def _steps_in_order(order: Sequence[Unit], scores: dict[Unit, float | None], seconds: float,
@@ -90,8 +102,8 @@ def _steps_in_order(order: Sequence[Unit], scores: dict[Unit, float | None], sec
 def shortgpt_steps(context: ScoringContext, *, count: int) -> list[Step]:
     """ShortGPT: remove the ``count`` blocks of lowest Block Influence, lowest first (earliest on ties)."""
     started, executions_before = time.perf_counter(), context.block_executions
-    residuals = original_residuals(context)
-    scores = {Unit(i, BLOCK): block_influence(residuals[i], residuals[i + 1]) for i in range(len(residuals) - 1)}
+    influences, _ = residual_summary(context)
+    scores = {Unit(i, BLOCK): influence for i, influence in enumerate(influences)}
     order = sorted(scores, key=lambda unit: (scores[unit], unit.block))[:count]
     return _steps_in_order(order, scores, time.perf_counter() - started, context.block_executions - executions_before)
 
@@ -103,8 +115,8 @@ def deeper_layers_steps(context: ScoringContext, *, count: int) -> list[Step]:
     not contain the best run of n-1, so each target is a separate selection.
     """
     started, executions_before = time.perf_counter(), context.block_executions
-    residuals = original_residuals(context)
-    start, distances = best_contiguous_run(residuals, count)
+    _, last_tokens = residual_summary(context)
+    start, distances = best_contiguous_run(last_tokens, count)
     scores = {Unit(s, BLOCK): d for s, d in enumerate(distances)}
     order = [Unit(b, BLOCK) for b in range(start, start + count)]
     steps = _steps_in_order(order, scores, time.perf_counter() - started, context.block_executions - executions_before)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from finercut.calibration import DATA_DIR_ENV, DataError, resolve_data_dir
+from finercut.calibration import DATA_DIR_ENV, hub_wikitext2_rows, resolve_data_dir
 WIKITEXT2_TEST_FILE = Path("wikitext2") / "test.json"
 HUB_WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
 DEFAULT_WINDOW_LENGTH = 2048
@@ -45,7 +45,7 @@ def wikitext2_test_rows(data_dir: str | Path | None = None) -> list[str]:
     """
     root = resolve_data_dir(data_dir)
     if root is None:
-        return _hub_wikitext2_test_rows()
+        return hub_wikitext2_rows("test")
     path = root / WIKITEXT2_TEST_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -59,18 +59,6 @@ def wikitext2_source(data_dir: str | Path | None = None) -> str:
     """Where :func:`wikitext2_test_rows` reads from, in words."""
     root = resolve_data_dir(data_dir)
     return f"local file {root / WIKITEXT2_TEST_FILE}" if root else f"hub dataset {'/'.join(HUB_WIKITEXT2)}, test split"
-
-
-def _hub_wikitext2_test_rows() -> list[str]:
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(*HUB_WIKITEXT2, split="test")["text"])
-    except Exception as error:  # an unreachable hub surfaces as several exception types
-        raise DataError(
-            f"could not load {'/'.join(HUB_WIKITEXT2)} from the Hugging Face hub ({error}); to run offline pass "
-            f"data_dir=<folder containing {WIKITEXT2_TEST_FILE}> or set {DATA_DIR_ENV}"
-        ) from error
 
 
 # --------------------------------------------------------------------------------------------------- windowed
