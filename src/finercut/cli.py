@@ -243,7 +243,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = CompareConfig(
         model=args.model, methods=tuple(args.methods.split(",")), ratios=tuple(float(r) for r in args.ratios.split(",")),
-        metric=args.metric, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
+        metric=args.metric, dtype=args.dtype, device=args.device, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
         ppl_max_windows=args.ppl_max_windows, lm_eval_wikitext_docs=args.wikitext_docs,
         eval_batch_size=args.batch_size, threads=args.threads, eval_threads=args.eval_threads,
     )
@@ -253,13 +253,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_or_all(text: str) -> int | None:
+    """A non-negative count, or ``all`` (None: no limit)."""
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be a count >= 0 or 'all'")
+    return value
+
+
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="local data folder (wikitext2/, tasks/) or FINERCUT_DATA_DIR; "
                                            "without one, the hub datasets")
-    parser.add_argument("--limit", type=int, help="first N documents per zero-shot task")
-    parser.add_argument("--mmlu-limit", type=int, help="first N questions per MMLU subject")
-    parser.add_argument("--ppl-max-windows", type=int, help="first N perplexity windows (0: skip perplexity (a))")
-    parser.add_argument("--wikitext-docs", type=int, help="first N lm-eval wikitext documents (0: skip (b))")
+    parser.add_argument("--limit", type=_count_or_all, help="first N documents per zero-shot task, or all")
+    parser.add_argument("--mmlu-limit", type=_count_or_all, help="first N questions per MMLU subject, or all")
+    parser.add_argument("--ppl-max-windows", type=_count_or_all,
+                        help="first N perplexity windows, or all (eval: 0 skips perplexity (a))")
+    parser.add_argument("--wikitext-docs", type=_count_or_all,
+                        help="first N lm-eval wikitext documents, or all (eval: 0 skips perplexity (b))")
     parser.add_argument("--batch-size", type=int, default=4, help="evaluation batch size")
 
 
@@ -299,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random")
     compare.add_argument("--ratios", default="0,0.1,0.25,0.4", help="comma-separated; 0 is the dense model")
     compare.add_argument("--metric", default="js", help="FinerCut's distance")
+    compare.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
+    compare.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     compare.add_argument("--threads", type=int, help="CPU threads of the pruning runs")
     compare.add_argument("--eval-threads", type=int, help="CPU threads of the evaluations (default: --threads)")
     compare.add_argument("--output", "-o", required=True, help="folder for runs and cached results")

@@ -263,7 +263,7 @@ def _stats_and_samples(model, tokenizer, variants: Sequence[Variant], config: Co
         pruned = copy.deepcopy(model)
         if variant.removed:
             apply_removal(pruned, variant.removed)
-        pruned_models[variant.method] = pruned
+        pruned_models[_variant_label(variant)] = pruned
     context = min(config.stats_context, getattr(model.config, "max_position_embeddings", None) or config.stats_context)
     stats = [row.to_dict() for row in model_stats(pruned_models, context_length=context)]
     samples = {name: greedy_samples(m, tokenizer, config.prompts) for name, m in pruned_models.items()}
@@ -302,6 +302,12 @@ def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str
             figures[f"layer_map_{variant.ratio:g}"] = plot_layer_map(
                 list(variant.removed), record["model"]["num_blocks"], path, title=layer_map_title(prefix))
     return figures
+
+
+def _variant_label(variant: Variant) -> str:
+    if variant.method == "dense":
+        return "Dense"
+    return f"{COMPARE_METHODS[variant.method]['label']} {variant.ratio:.0%}"
 
 
 def _results_table(variants, results, tasks: list[str], *, headline: bool) -> list[str]:
@@ -358,9 +364,11 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         f"{run.dtype} on {run.device}, {run.threads} threads",
         f"- calibration: {run.num_samples} random windows of {run.seq_len} tokens (seed {run.seed}) of {calibration}; "
         f"FinerCut metric `{config.metric}`",
-        f"- zero-shot tasks: first {config.limit} documents each; MMLU 5-shot: first "
-        f"{config.mmlu_limit_per_subject} questions of each of 57 subjects; lm-eval {lm_eval.__version__}, offline "
-        "task definitions reading the local data files",
+        f"- tasks: first {config.limit or 'all'} documents of each zero-shot task"
+        + (f"; MMLU 5-shot: first {config.mmlu_limit_per_subject or config.limit or 'all'} questions of each of its "
+           "57 subjects" if "mmlu" in config.tasks else "")
+        + f"; lm-eval {lm_eval.__version__}"
+        + (", offline task definitions reading the local data files" if config.data_dir else ", hub datasets"),
         f"- perplexity (a): WikiText-2 test joined with blank lines, consecutive windows of {config.ppl_window} "
         f"tokens ({'all' if config.ppl_max_windows is None else f'first {config.ppl_max_windows}'} windows); "
         f"(b): lm-eval `wikitext` word perplexity on the first {config.lm_eval_wikitext_docs} documents, rebuilt "
@@ -368,6 +376,10 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         f"- finercut {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}; wall time {wall_seconds / 60:.0f} min on this machine "
         "(evaluations already on disk are reused)",
+        "",
+        "The full evaluation, for a GPU: `finercut compare --model <hub id or folder> --ratios 0,0.1,0.25,0.4 "
+        "--limit all --mmlu-limit all --wikitext-docs all --device cuda --batch-size 16 --output runs/full "
+        "--report docs/full.md` (add `--data-dir` to read the local files instead of the hub).",
         "",
         "Accuracy is `acc_norm` where lm-eval reports it (ARC, HellaSwag, OBQA, PIQA), else `acc`; ± is lm-eval's "
         "standard error; the average is over the tasks shown. The ratio reached counts removed sub-layers / 2L "
@@ -396,8 +408,7 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
     for i, prompt in enumerate(config.prompts):
         lines.append(f"**Prompt:** {prompt}")
         lines.append("")
-        for name, texts in samples.items():
-            label = "Dense" if name == "dense" else f"{COMPARE_METHODS[name]['label']} {config.stats_ratio:.0%}"
+        for label, texts in samples.items():
             lines.append(f"- *{label}:* {texts[i].strip()}")
         lines.append("")
     return "\n".join(lines) + "\n"
