@@ -69,6 +69,15 @@ def word_text(tmp_path_factory) -> Path:
     return write_word_text(tmp_path_factory.mktemp("text") / "calibration.txt")
 
 
+@pytest.fixture
+def one_thread():
+    """Identical results need a fixed thread count (and one thread is fastest for tiny models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Converted GGUF models are cached per user; tests use a per-session cache unless one is configured."""

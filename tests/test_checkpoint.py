@@ -11,7 +11,6 @@ import copy
 import json
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -34,29 +33,18 @@ from finercut.checkpoint import (
     saved_tensor_shapes,
 )
 from finercut.pruned_modeling import ATTENTION, FFN, RemovedAttention
-from tiny_models import ARCHITECTURES, tiny_input_ids, tiny_model
+from tiny_models import ARCHITECTURES, cached_tiny_model, tiny_input_ids
 
 REMOVAL = (Unit(0, ATTENTION), Unit(2, BLOCK), Unit(1, FFN))
 KEPT_DENSE_BLOCKS = (0, 1, 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Identical results need a fixed thread count (and one thread is fastest for tiny models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@lru_cache(maxsize=None)
-def _dense(arch: str) -> torch.nn.Module:
-    return tiny_model(arch)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_model(arch: str) -> torch.nn.Module:
     """A fresh copy of the tiny dense model (built once per architecture)."""
-    return copy.deepcopy(_dense(arch))
+    return copy.deepcopy(cached_tiny_model(arch))
 
 
 def pruned_model(arch: str, units=REMOVAL) -> torch.nn.Module:

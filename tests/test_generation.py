@@ -10,7 +10,6 @@ tiny Mistral (5) and Gemma 2/3 (4) models.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from finercut.candidates import BLOCK, Unit
 from finercut.checkpoint import apply_removal, save_pruned
 from finercut.masking import masked
 from finercut.pruned_modeling import ATTENTION, FFN
-from tiny_models import ARCHITECTURES, tiny_input_ids, tiny_model
+from tiny_models import ARCHITECTURES, cached_tiny_model, tiny_input_ids
 
 NEW_TOKENS = 10
 PROMPT_LENGTHS = (6, 4, 2)
@@ -37,19 +36,10 @@ REMOVALS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Identical results need a fixed thread count (and one thread is fastest for tiny models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
-def dense_model(arch: str) -> torch.nn.Module:
-    """The tiny dense model (built once per architecture; tests mask it or prune a copy)."""
-    return tiny_model(arch)
+dense_model = cached_tiny_model  # built once per architecture; tests mask it or prune a copy
 
 
 def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:

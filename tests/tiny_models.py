@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -83,6 +85,12 @@ def tiny_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) 
             if "norm" in param_name or "ln_" in param_name:
                 param.add_(0.1 * torch.randn_like(param))
     return model.eval()
+
+
+@lru_cache(maxsize=None)
+def cached_tiny_model(name: str) -> torch.nn.Module:
+    """The float32 tiny model of ``name``, built once per session; mask it or prune a copy, never modify it."""
+    return tiny_model(name)
 
 
 def tiny_input_ids(*, samples: int = 3, seq: int = SEQ, seed: int = 1) -> torch.Tensor:

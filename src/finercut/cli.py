@@ -242,8 +242,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from finercut.compare import CompareConfig, run_compare
 
     config = CompareConfig(
-        model=args.model, methods=tuple(args.methods.split(",")), ratios=tuple(float(r) for r in args.ratios.split(",")),
-        metric=args.metric, dtype=args.dtype, device=args.device, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
+        model=args.model, methods=tuple(args.methods.split(",")),
+        ratios=tuple(float(r) for r in args.ratios.split(",")), metric=args.metric, dtype=args.dtype,
+        device=args.device, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
         ppl_max_windows=args.ppl_max_windows, lm_eval_wikitext_docs=args.wikitext_docs,
         eval_batch_size=args.batch_size, threads=args.threads, eval_threads=args.eval_threads,
     )

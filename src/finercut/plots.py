@@ -46,8 +46,8 @@ def plot_layer_map(removed: Sequence[Unit], num_blocks: int, path: Path, *, titl
     ax.set_ylim(-0.1, 2.0)
     ax.set_yticks([0.44, 1.44], ["FFN", "Attention"])
     tick_every = 1 if num_blocks <= 40 else 5
-    ax.set_xticks([b + 0.46 for b in range(0, num_blocks, tick_every)], [str(b) for b in range(0, num_blocks, tick_every)],
-                  fontsize=7)
+    ticks = range(0, num_blocks, tick_every)
+    ax.set_xticks([b + 0.46 for b in ticks], [str(b) for b in ticks], fontsize=7)
     ax.set_xlabel("decoder block")
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)

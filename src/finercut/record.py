@@ -1,4 +1,4 @@
-"""The run config (one frozen dataclass per run, ``run.json``) and the record of what a run removed (``record.json``)."""
+"""The run config (a frozen dataclass, ``run.json``) and the record of what a run removed (``record.json``)."""
 
 from __future__ import annotations
 
