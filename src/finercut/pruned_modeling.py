@@ -65,10 +65,6 @@ class RemovedNorm(nn.Identity):
     """Stands in for the norm of a removed sub-layer (its output only ever fed the removed sub-layer)."""
 
 
-def get_submodule(root: nn.Module, dotted_path: str) -> nn.Module:
-    return root.get_submodule(dotted_path)
-
-
 def set_submodule(root: nn.Module, dotted_path: str, module: nn.Module) -> None:
     parent_path, _, name = dotted_path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -153,7 +149,7 @@ def remove_sublayers(model: nn.Module, layout: dict[str, Any]) -> None:
     """
     check_layout(layout)
     modules = layout["modules"]
-    blocks = get_submodule(model, modules["blocks"])
+    blocks = model.get_submodule(modules["blocks"])
     if len(blocks) != layout["original_num_blocks"]:
         raise ValueError(
             f"the model has {len(blocks)} blocks but the pruning layout was made for "
