@@ -50,6 +50,15 @@ def test_the_cap_really_limits_memory():
     assert result.returncode != 0 and "allocated" not in result.stdout
 
 
+def test_holding_the_whole_prepared_reference_would_not_fit():
+    # The same search told to keep every prepared chunk: proof that the cap would catch the careless way.
+    careless = SEARCH_ONE_STEP.replace('metric_named("js"), input_ids)',
+                                       'metric_named("js"), input_ids, max_reference_bytes=2**40)')
+    assert careless != SEARCH_ONE_STEP
+    result = run_capped(careless)
+    assert result.returncode != 0 and "can't allocate memory" in result.stderr
+
+
 def test_one_step_with_262k_vocabulary_fits_under_the_cap():
     result = run_capped(SEARCH_ONE_STEP)
     assert result.returncode == 0, result.stderr[-3000:]
