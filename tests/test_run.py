@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,12 @@ def prune_args(model_dir: Path, text: Path, output: Path, *extra: str) -> list[s
 
 def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
+
+    def default_sigint():  # a shell's background job ignores SIGINT, and Python then keeps ignoring it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.run([sys.executable, "-m", "finercut.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=600, preexec_fn=default_sigint)
 
 
 def without_timings(value):
