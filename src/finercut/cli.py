@@ -249,8 +249,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         eval_batch_size=args.batch_size, threads=args.threads, eval_threads=args.eval_threads,
     )
     command = "finercut compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "finercut compare"
+    shard = None
+    if args.shard:
+        index, count = (int(part) for part in args.shard.split("/"))
+        if not 1 <= index <= count:
+            raise ConfigError(f"--shard {args.shard}: use I/N with 1 <= I <= N")
+        shard = (index - 1, count)
     run_compare(config, args.output, report=args.report, command=command, progress=args.progress,
-                log=lambda message: print(message, file=sys.stderr))
+                log=lambda message: print(message, file=sys.stderr), shard=shard)
     return 0
 
 
@@ -319,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output", "-o", required=True, help="folder for runs and cached results")
     compare.add_argument("--report", help="Markdown report path (default: OUTPUT/results.md)")
     compare.add_argument("--no-progress", dest="progress", action="store_false")
+    compare.add_argument("--shard", help="I/N: evaluate only every N-th variant from the I-th and write no report "
+                                         "(run N shards side by side, then once without --shard)")
     _add_eval_options(compare)
     compare.set_defaults(limit=200, mmlu_limit=3, wikitext_docs=5)
     return parser

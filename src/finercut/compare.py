@@ -209,11 +209,17 @@ def _task_results_dict(results) -> dict:
 
 
 def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | Path | None = None,
-                command: str = "", progress: bool = True, log: Log = print) -> Path:
+                command: str = "", progress: bool = True, log: Log = print,
+                shard: tuple[int, int] | None = None) -> Path | None:
     """Prune with every method, evaluate every variant, and write the report (Markdown + figures).
 
+    Args:
+        shard: ``(i, n)``: only evaluate every n-th variant starting at the i-th, and write no report. Run n
+            shards side by side (e.g. one thread each), then once without a shard to assemble the report from
+            the results they left on disk.
+
     Returns:
-        The report's path.
+        The report's path (None for a shard).
     """
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +233,12 @@ def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | 
     source = resolve_model_source(run.model, run.revision)
     tokenizer = load_tokenizer(source)
     model, model_info = load_model(source, dtype=run.dtype, device=run.device)
+    if shard is not None:
+        index, count = shard
+        for variant in variants[index::count]:
+            evaluate_variant(model, tokenizer, variant, config, output_dir / "results", log)
+        log(f"compare: shard {index + 1}/{count} done")
+        return None
     results = [evaluate_variant(model, tokenizer, v, config, output_dir / "results", log) for v in variants]
     stats_rows, samples = _stats_and_samples(model, tokenizer, variants, config, output_dir, log)
 
@@ -304,6 +316,11 @@ def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str
     return figures
 
 
+def _stage_minutes(results: Sequence[dict]) -> float:
+    """Minutes the evaluations took when they ran, summed over every variant and stage."""
+    return sum(stage["seconds"] for result in results for stage in result["stages"].values()) / 60
+
+
 def _variant_label(variant: Variant) -> str:
     if variant.method == "dense":
         return "Dense"
@@ -374,8 +391,8 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         f"(b): lm-eval `wikitext` word perplexity on the first {config.lm_eval_wikitext_docs} documents, rebuilt "
         "from the local rows at their top-level headings",
         f"- finercut {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}; wall time {wall_seconds / 60:.0f} min on this machine "
-        "(evaluations already on disk are reused)",
+        f"Python {platform.python_version()}; evaluation compute {_stage_minutes(results):.0f} min summed over "
+        f"all stages (this invocation: {wall_seconds / 60:.0f} min; results already on disk are reused)",
         "",
         "The full evaluation, for a GPU: `finercut compare --model <hub id or folder> --ratios 0,0.1,0.25,0.4 "
         "--limit all --mmlu-limit all --wikitext-docs all --device cuda --batch-size 16 --output runs/full "
