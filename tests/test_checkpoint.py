@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -434,6 +435,17 @@ def test_save_writes_into_an_existing_empty_folder(tmp_path):
     (tmp_path / "model").mkdir()
     save_pruned(pruned_model("llama"), tmp_path / "model")
     load_pruned(tmp_path / "model")
+
+
+def test_saved_files_get_the_permissions_the_umask_allows(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_pruned(pruned_model("llama"), tmp_path / "model")
+    finally:
+        os.umask(previous)
+    modes = {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "model").iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_save_refuses_a_model_that_was_not_pruned(tmp_path):

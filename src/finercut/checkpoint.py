@@ -320,6 +320,7 @@ def save_pruned(
         report = SizeReport(before, parameter_stats(model), weight_file_bytes(staging))
         _write_json(staging / REPORT_FILE, pruning_summary(model.config, report, provenance))
         check_checkpoint(staging)
+        _use_default_permissions(staging)
         _move_into_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -400,6 +401,16 @@ def pruning_summary(config: Any, report: SizeReport, provenance: dict[str, Any] 
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _use_default_permissions(folder: Path) -> None:
+    """Give every file the permissions the umask allows: weights written through a private temporary file
+    (0600) would otherwise be unreadable to the other users of a shared model folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def _move_into_place(staging: Path, path: Path) -> None:
