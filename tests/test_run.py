@@ -176,6 +176,9 @@ def test_data_dir_without_wikitext(capsys, tmp_path, tiny_model_dir, output):
 
 def test_model_folder_or_gguf_missing_or_unreadable(capsys, tmp_path, word_text, output):
     assert_refused(capsys, prune_args(tmp_path / "nothing", word_text, output), "does not exist", output)
+    # A relative name with a trailing slash is a folder, not a hub id (which would fail with a hub naming rule).
+    assert_refused(capsys, prune_args("my-model/", word_text, output), "model folder my-model/ does not exist",
+                   output)
     assert_refused(capsys, prune_args(tmp_path / "nothing.gguf", word_text, output),
                    "GGUF file", output)
     broken = tmp_path / "broken"

@@ -71,7 +71,7 @@ def resolve_model_source(model: str | None, revision: str | None = None) -> Mode
             raise ModelLoadError(f"model folder {path} is not readable")
         return ModelSource("folder", str(path.resolve()), revision)
     # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if model.startswith((".", "/", "~")) or model.endswith("/") or model.count("/") > 1:
         raise ModelLoadError(f"model folder {model} does not exist")
     return ModelSource("hub", model, revision)
 
@@ -156,7 +156,8 @@ def load_config(source: ModelSource) -> Any:
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         return AutoConfig.from_pretrained(source.location, revision=source.revision)
     except Exception as error:
-        raise ModelLoadError(f"cannot load the config of {source.location}: {error}") from error
+        where = "no local folder of that name; as a Hugging Face hub id: " if source.kind == "hub" else ""
+        raise ModelLoadError(f"cannot load the config of {source.location}: {where}{error}") from error
 
 
 def load_tokenizer(source: ModelSource) -> Any:
