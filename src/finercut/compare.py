@@ -245,9 +245,12 @@ def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | 
     report_path = Path(report) if report else output_dir / "results.md"
     figures = _figures(variants, results, report_path.parent / "figures", output_dir)
     first_record = read_json(first_run.parent / "record.json")
+    calibration = first_record["calibration"]["description"]
+    if run.data_dir and config.data_dir:  # the data folder as the command gave it, not this machine's absolute path
+        calibration = calibration.replace(run.data_dir, config.data_dir)
     text = format_report(config, variants, results, stats_rows, samples, figures, report_path.parent,
                          model_info=model_info, run=run, num_blocks=first_record["model"]["num_blocks"],
-                         calibration=first_record["calibration"]["description"], command=command,
+                         calibration=calibration, command=command,
                          wall_seconds=time.perf_counter() - started)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text, encoding="utf-8")
