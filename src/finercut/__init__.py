@@ -26,6 +26,7 @@ from finercut.checkpoint import (  # noqa: E402
 from finercut.distances import METRICS  # noqa: E402
 from finercut.masking import masked  # noqa: E402
 from finercut.record import RunConfig  # noqa: E402
+from finercut.recovery import RecoveryResult, recover  # noqa: E402
 from finercut.run import PruneResult, prune, run_in_folder  # noqa: E402
 
 __all__ = [
@@ -39,11 +40,13 @@ __all__ = [
     "save_pruned",
     "METRICS",
     "PruneResult",
+    "RecoveryResult",
     "RunConfig",
     "Unit",
     "adapter_for",
     "masked",
     "prune",
+    "recover",
     "run_in_folder",
     "supported_model_types",
 ]

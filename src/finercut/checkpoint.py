@@ -60,7 +60,8 @@ def is_pruned(model_or_config: Any) -> bool:
 
 
 def apply_removal(
-    model: nn.Module, removed: Iterable[Unit | dict[str, Any]], *, num_blocks: int | None = None
+    model: nn.Module, removed: Iterable[Unit | dict[str, Any]], *, num_blocks: int | None = None,
+    replacements: Iterable[tuple[dict[str, Any], dict[str, torch.Tensor]]] = (),
 ) -> nn.Module:
     """Physically remove sub-layers from a dense model, in place, and make it the pruned class.
 
@@ -73,6 +74,9 @@ def apply_removal(
         removed: units in removal order, as :class:`Unit` or ``{"block": int, "kind": str}`` (a search record's
             ``removed``); ``kind`` ``"block"`` removes both sub-layers.
         num_blocks: the block count the units were found on (a record's ``model.num_blocks``), checked if given.
+        replacements: fitted stand-ins for removed sub-layers (see :func:`finercut.recover`), each a layout
+            entry ``{"block", "kind", "map", "rank", "covers"}`` and its tensors (``bias``, ``weight`` or
+            ``down``/``up``).
 
     Returns:
         ``model`` itself, now an instance of ``FinerCut<Base>ForCausalLM``.
@@ -94,10 +98,14 @@ def apply_removal(
         )
     sublayers = _checked_sublayers(removed, dense_blocks)
     layout = adapter.layout(model, [unit.to_dict() for unit in sublayers])
+    replacements = list(replacements)
+    if replacements:
+        layout["replacements"] = [dict(entry) for entry, _ in replacements]
     pruned_modeling.check_layout(layout)
 
     config_class, model_class = pruned_classes(model.config.model_type)
     pruned_modeling.remove_sublayers(model, layout)
+    _load_replacement_tensors(model, layout, [tensors for _, tensors in replacements])
     config = model.config
     setattr(config, LAYOUT_KEY, layout)
     set_pruned_shape(config, layout)
@@ -110,6 +118,16 @@ def apply_removal(
         model.generation_config.cache_implementation = None
     model.__class__ = model_class
     return model
+
+
+def _load_replacement_tensors(model: nn.Module, layout: dict[str, Any],
+                              tensors: list[dict[str, torch.Tensor]]) -> None:
+    """Copy fitted tensors into the replacement modules :func:`remove_sublayers` installed (dense -> kept index)."""
+    blocks = model.get_submodule(layout["modules"]["blocks"])
+    kept = kept_blocks(layout)
+    for entry, values in zip(layout.get("replacements") or (), tensors):
+        main_name, _ = pruned_modeling.sublayer_module_names(layout["modules"], entry["kind"])
+        getattr(blocks[kept.index(int(entry["block"]))], main_name).load_state_dict(values, strict=True)
 
 
 def _checked_sublayers(removed: Iterable[Unit | dict[str, Any]], num_blocks: int) -> list[Unit]:
@@ -380,6 +398,7 @@ def pruning_summary(config: Any, report: SizeReport, provenance: dict[str, Any] 
         "num_blocks": len(kept),
         "num_attention_layers": len(kept_attention_blocks(layout)),
         "removed": layout["removed"],
+        "replacements": layout.get("replacements") or [],
         "blocks": [
             {
                 "dense_block": index,

@@ -23,6 +23,16 @@ The layout lives in the config under :data:`LAYOUT_KEY`::
      "removed": [{"block": 27, "kind": "attention"}, ...]}      # dense block indices, in removal order
 
 ``removed`` holds sub-layers (``"attention"`` / ``"ffn"``); a ``"block"`` entry stands for both.
+
+An optional ``replacements`` list holds the cheap stand-ins fitted by ``finercut.recover`` (no fine-tuning): each
+sits in the slot of one removed sub-layer and emulates the residual term of the removed sub-layers it ``covers``
+(that one, or a maximal run of consecutive removed sub-layers starting there) as an affine map of its input::
+
+    "replacements": [{"block": 12, "kind": "attention", "map": "lowrank", "rank": 64,
+                      "covers": [{"block": 12, "kind": "attention"}, {"block": 12, "kind": "ffn"}, ...]}]
+
+A block holding a replacement is kept even if both its sub-layers were removed; a replaced attention never touches
+the KV cache (it has no cache layer).
 """
 
 from __future__ import annotations
@@ -59,6 +69,104 @@ class RemovedFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``[batch, seq, hidden]`` -> zeros of the same shape."""
         return torch.zeros_like(hidden_states)
+
+
+REPLACEMENT_MAPS = ("bias", "lowrank", "linear")
+
+
+def init_replacement_map(module: nn.Module, hidden: int, map_kind: str, rank: int | None) -> None:
+    """Give ``module`` the (zero) parameters of one replacement map; ``load_state_dict`` fills them.
+
+    ``bias`` ``[hidden]`` always; ``linear`` adds ``weight`` ``[hidden, hidden]`` (as ``nn.Linear``); ``lowrank``
+    adds ``down`` ``[rank, hidden]`` and ``up`` ``[hidden, rank]``.
+    """
+    if map_kind not in REPLACEMENT_MAPS:
+        raise ValueError(f"unknown replacement map {map_kind!r}; expected one of {REPLACEMENT_MAPS}")
+    module.map_kind, module.rank = map_kind, rank
+    module.bias = nn.Parameter(torch.zeros(hidden))
+    if map_kind == "linear":
+        module.weight = nn.Parameter(torch.zeros(hidden, hidden))
+    elif map_kind == "lowrank":
+        if not rank or rank < 1:
+            raise ValueError(f"a lowrank replacement needs a rank >= 1, got {rank!r}")
+        module.down = nn.Parameter(torch.zeros(rank, hidden))
+        module.up = nn.Parameter(torch.zeros(hidden, rank))
+
+
+def replacement_output(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The residual term a replacement adds: ``[batch, seq, hidden] -> [batch, seq, hidden]``."""
+    if module.map_kind == "linear":
+        return nn.functional.linear(hidden_states, module.weight, module.bias)
+    if module.map_kind == "lowrank":
+        return nn.functional.linear(nn.functional.linear(hidden_states, module.down), module.up, module.bias)
+    return module.bias.expand_as(hidden_states).clone()
+
+
+class ReplacedAttention(RemovedAttention):
+    """A removed attention sub-layer emulated by an affine map of its input (see :func:`init_replacement_map`).
+
+    Still a :class:`RemovedAttention`: it has no KV-cache layer and never touches the cache.
+    """
+
+    def __init__(self, hidden: int, map_kind: str, rank: int | None = None) -> None:
+        super().__init__()
+        init_replacement_map(self, hidden, map_kind, rank)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """``[batch, seq, hidden]`` -> the fitted residual term, and no attention weights."""
+        return replacement_output(self, hidden_states), None
+
+
+class ReplacedFFN(RemovedFFN):
+    """A removed FFN sub-layer emulated by an affine map of its input (see :func:`init_replacement_map`)."""
+
+    def __init__(self, hidden: int, map_kind: str, rank: int | None = None) -> None:
+        super().__init__()
+        init_replacement_map(self, hidden, map_kind, rank)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``[batch, seq, hidden]`` -> the fitted residual term."""
+        return replacement_output(self, hidden_states)
+
+
+def replacement_module(kind: str, hidden: int, map_kind: str, rank: int | None) -> nn.Module:
+    """An empty replacement for the ``kind`` (attention / ffn) slot of a block."""
+    return (ReplacedAttention if kind == ATTENTION else ReplacedFFN)(hidden, map_kind, rank)
+
+
+def replaced_blocks(layout: dict[str, Any]) -> set[int]:
+    """Dense indices of the blocks that hold a replacement (kept even when both sub-layers were removed)."""
+    return {int(entry["block"]) for entry in layout.get("replacements") or ()}
+
+
+def install_replacements(model: nn.Module, layout: dict[str, Any]) -> None:
+    """Put an empty replacement module into the slot of every ``replacements`` entry (dense block numbering)."""
+    modules = layout["modules"]
+    blocks = model.get_submodule(modules["blocks"])
+    hidden = int(model.config.hidden_size)
+    like = next(model.parameters())  # the replacements take the model's dtype and device (meta for skeletons)
+    for entry in layout.get("replacements") or ():
+        main_name, _ = sublayer_module_names(modules, entry["kind"])
+        module = replacement_module(entry["kind"], hidden, entry["map"], entry.get("rank"))
+        setattr(blocks[int(entry["block"])], main_name, module.to(device=like.device, dtype=like.dtype))
+
+
+def check_replacements(layout: dict[str, Any]) -> None:
+    """Refuse replacements that do not sit in, and cover only, removed sub-layers."""
+    by_block = removed_by_block(layout)
+    covered: list[tuple[int, str]] = []
+    for entry in layout.get("replacements") or ():
+        slots = [(int(entry["block"]), entry["kind"])] + [(int(c["block"]), c["kind"]) for c in entry["covers"]]
+        for block, kind in slots:
+            if kind not in SUBLAYER_KINDS or kind not in by_block.get(block, set()):
+                raise ValueError(f"a replacement covers {block}.{kind}, which the pruning layout does not remove")
+        if slots[0] != slots[1]:
+            raise ValueError(f"a replacement at {slots[0]} must cover its own slot first, not {slots[1]}")
+        if entry["map"] not in REPLACEMENT_MAPS:
+            raise ValueError(f"unknown replacement map {entry['map']!r}; expected one of {REPLACEMENT_MAPS}")
+        covered += slots[1:]
+    if len(covered) != len(set(covered)):
+        raise ValueError("a removed sub-layer is covered by more than one replacement")
 
 
 class RemovedNorm(nn.Identity):
@@ -118,7 +226,9 @@ def removed_by_block(layout: dict[str, Any]) -> dict[int, set[str]]:
 def kept_blocks(layout: dict[str, Any]) -> list[int]:
     """Dense indices of the blocks that keep at least one sub-layer, in order."""
     by_block = removed_by_block(layout)
-    return [i for i in range(layout["original_num_blocks"]) if by_block.get(i, set()) != set(SUBLAYER_KINDS)]
+    replaced = replaced_blocks(layout)
+    return [i for i in range(layout["original_num_blocks"])
+            if by_block.get(i, set()) != set(SUBLAYER_KINDS) or i in replaced]
 
 
 def kept_attention_blocks(layout: dict[str, Any]) -> list[int]:
@@ -139,6 +249,7 @@ def check_layout(layout: dict[str, Any]) -> None:
         raise ValueError(f"removed blocks {out_of_range} do not exist in a model of {num_blocks} blocks")
     if not kept_blocks(layout):
         raise ValueError("the pruning layout removes every block; nothing would be left of the model")
+    check_replacements(layout)
 
 
 def remove_sublayers(model: nn.Module, layout: dict[str, Any]) -> None:
@@ -159,6 +270,7 @@ def remove_sublayers(model: nn.Module, layout: dict[str, Any]) -> None:
         for kind in sorted(kinds):
             if not is_removed(blocks[block_index], kind, modules):
                 stub_sublayer(blocks[block_index], kind, modules)
+    install_replacements(model, layout)
     for cache_index, block_index in enumerate(kept_attention_blocks(layout)):
         setattr(getattr(blocks[block_index], modules["attention"]), modules["layer_idx"], cache_index)
     set_submodule(model, modules["blocks"], nn.ModuleList([blocks[i] for i in kept_blocks(layout)]))

@@ -82,6 +82,25 @@ def count_macs(model: nn.Module, *, context_length: int) -> dict[str, int]:
     return macs
 
 
+def kv_cache_bytes_per_token(model: nn.Module, *, dtype: torch.dtype | None = None) -> int:
+    """Bytes the KV cache holds per cached token: keys and values of every attention layer that remains.
+
+    ``2 * kv_heads * head_dim * itemsize`` per attention layer (a sliding-window layer caps its cache at the
+    window, which this per-token figure ignores); removed or replaced attention sub-layers have no cache.
+
+    Args:
+        dtype: the cache's dtype (default: the model's).
+    """
+    config = model.config
+    adapter = adapter_for_config(config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = sum(not isinstance(getattr(block, adapter.attention), RemovedAttention)
+                 for block in adapter.blocks_of(model))
+    return layers * 2 * kv_heads * head_dim * (dtype or model.dtype).itemsize
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
