@@ -8,6 +8,7 @@ generation against the masked model run without a cache.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -158,12 +159,24 @@ def test_bias_equals_the_mean_output_of_the_removed_sublayer_by_hand():
     assert isinstance(model.model.layers[1].self_attn, ReplacedAttention)
 
 
+def test_a_dense_target_bias_is_the_dense_mean_output_whatever_came_before():
+    # The stream before 1.attn is the dense one minus 0.ffn's output plus its mean; the dense stream after 1.attn
+    # adds 1.attn's dense output; the mean difference is exactly the mean of 0.ffn and 1.attn's dense outputs
+    # minus 0.ffn's mean, i.e. 1.attn's dense mean output.
+    ids = tiny_input_ids(samples=4)
+    model = dense()
+    mean_attn1 = captured_sublayer_outputs(model, "model.layers.1.self_attn", ids).double().mean(0)
+    _, result = recover(model, [Unit(0, FFN), Unit(1, ATTENTION)], method="bias", target="dense", input_ids=ids)
+    torch.testing.assert_close(result.replacements[1].tensors["bias"].double(), mean_attn1, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["sublayer", "dense"])
 @pytest.mark.parametrize("method,rank", METHODS)
 @pytest.mark.parametrize("group", ["sublayer", "run"])
-def test_recovered_model_equals_the_dense_model_masked_with_its_replacements(method, rank, group):
+def test_recovered_model_equals_the_dense_model_masked_with_its_replacements(method, rank, group, target):
     ids = tiny_input_ids(samples=4)
     reference = cached_tiny_model("llama")
-    pruned, result = recover(dense(), REMOVAL, method=method, rank=rank, group=group, input_ids=ids)
+    pruned, result = recover(dense(), REMOVAL, method=method, rank=rank, group=group, target=target, input_ids=ids)
     with torch.no_grad(), masked_with_replacements(reference, adapter_for(reference), REMOVAL, result.replacements):
         expected = reference(ids).logits
     with torch.no_grad():
@@ -261,3 +274,34 @@ def test_cached_generation_with_replacements_equals_the_masked_model_without_cac
     actual = greedy(pruned, ids, mask)
     assert_same_generation(actual, expected)
     assert len(actual.past_key_values.layers) == 2  # dense blocks 1 and 3 keep their attention
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_prune_and_apply_with_recovery_save_the_replacements(tmp_path, tiny_model_dir, word_text, data_dir):
+    from finercut.cli import main
+
+    run = tmp_path / "run"
+    fit = ["--data-dir", str(data_dir), "--recover-samples", "2", "--recover-seq-len", "8"]
+    assert main(["prune", "--model", str(tiny_model_dir), "--calibration", str(word_text), "--samples", "2",
+                 "--seq-len", "12", "--count", "3", "--no-progress", "--output", str(run), "--recover", "bias",
+                 *fit]) == 0
+    with_bias = load_pruned(run / "model")
+    assert [e["map"] for e in with_bias.config.finercut["replacements"]] == ["bias"] * 3
+    provenance = json.loads((run / "model" / "pruning.json").read_text())["provenance"]
+    assert provenance["recovery"]["method"] == "bias" and provenance["recovery"]["tokens"] == 16
+
+    assert main(["apply", str(run), "--output", str(tmp_path / "lowrank"), "--recover", "lowrank", "--rank", "2",
+                 "--recover-group", "run", *fit]) == 0
+    lowrank = load_pruned(tmp_path / "lowrank")
+    assert {e["rank"] for e in lowrank.config.finercut["replacements"]} == {2}
+
+
+def test_cli_refuses_a_rank_without_lowrank_before_any_work(capsys, tmp_path, tiny_model_dir, word_text):
+    from finercut.cli import main
+
+    assert main(["prune", "--model", str(tiny_model_dir), "--calibration", str(word_text), "--count", "2",
+                 "--output", str(tmp_path / "run"), "--recover", "bias", "--rank", "4"]) == 2
+    assert "only to recovery method lowrank" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -30,6 +30,31 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, help="CPU threads (default: all); recorded and fixed for the run")
 
 
+def _add_recovery_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("recovery (no fine-tuning; see finercut.recover)")
+    group.add_argument("--recover", choices=("bias", "lowrank", "linear"),
+                       help="replace the removed sub-layers by a fitted mean output (bias) or least-squares map of "
+                            "their input (lowrank needs --rank, linear is full rank), saved in the model folder")
+    group.add_argument("--rank", type=int, help="rank of the lowrank replacements")
+    group.add_argument("--ridge", type=float, default=0.0, help="ridge term of the least-squares fit (default 0)")
+    group.add_argument("--recover-group", choices=("sublayer", "run"), default="sublayer",
+                       help="one replacement per removed sub-layer (default) or per run of consecutive ones")
+    group.add_argument("--recover-target", choices=("sublayer", "dense"), default="sublayer",
+                       help="fit the removed sub-layers' own output (default) or the dense model's stream after them")
+    group.add_argument("--recover-samples", type=int, default=32, help="calibration windows of the fit (default 32)")
+    group.add_argument("--recover-seq-len", type=int, default=512, help="tokens per window (default 512)")
+
+
+def _recovery_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`finercut.recovery.recover_record`, checked before any work."""
+    from finercut.recovery import check_recovery_options
+
+    check_recovery_options(args.recover, rank=args.rank, ridge=args.ridge, group=args.recover_group)
+    return {"method": args.recover, "rank": args.rank, "ridge": args.ridge, "group": args.recover_group,
+            "target": args.recover_target,
+            "num_samples": args.recover_samples, "seq_len": args.recover_seq_len}
+
+
 def _add_prune_parser(commands) -> None:
     parser = commands.add_parser(
         "prune", help="find the sub-layers to remove and write record, layer map and pruned model",
@@ -68,6 +93,7 @@ def _add_prune_parser(commands) -> None:
     run.add_argument("--resume", action="store_true", help="continue the run in --output with its saved settings")
     run.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_recovery_options(parser)
 
 
 RUN_CONFIG_OPTIONS = (
@@ -97,6 +123,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from finercut.run import run_in_folder
 
     config = run_config_from_args(args)
+    recovery = _recovery_options(args) if args.recover else None
+    if recovery and config.save_model:
+        config = config.replace(save_model=False)  # the recovered model is saved instead, below
     try:
         result = run_in_folder(config, args.output, overwrite=args.overwrite, progress=args.progress,
                                log=lambda message: print(message, file=sys.stderr))
@@ -107,6 +136,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
         return 130
+    if recovery:
+        from finercut.recovery import recover_record
+
+        recover_record(result.record, result.output_dir / "model", **recovery, overwrite=True,
+                       provenance={"run": str(result.output_dir)}, log=lambda message: print(message, file=sys.stderr))
     print(summarize_record(result.record, result.output_dir))
     for note in result.notes:
         print(note)
@@ -156,6 +190,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     record = read_json(run_dir / "record.json" if run_dir.is_dir() else run_dir)
+    if args.recover:
+        from finercut.recovery import recover_record
+
+        recover_record(record, args.output, **_recovery_options(args), count=args.count, model_name=args.model,
+                       dtype=args.dtype, data_dir=args.data_dir, overwrite=args.overwrite,
+                       provenance={"record": str(run_dir)})
+        print(f"pruned model with {args.recover} recovery written to {args.output}")
+        return 0
     saved = RunConfig.from_dict(record["config"])
     source = resolve_model_source(args.model if args.model is not None else saved.model, saved.revision)
     units = removed_units(record)
@@ -297,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--dtype", help="dtype to load and save in (default: the run's)")
     apply.add_argument("--output", "-o", required=True, help="pruned model folder to create")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    apply.add_argument("--data-dir", help="data folder for the recovery's calibration (default: the run's)")
+    _add_recovery_options(apply)
 
     evaluate = commands.add_parser("eval", help="perplexity and zero/few-shot accuracy of a (pruned) model")
     evaluate.add_argument("model", nargs="?", help="pruned model folder, or a model (hub id, folder, .gguf; "

@@ -33,8 +33,10 @@ from finercut.adapters import ArchitectureAdapter, adapter_for
 from finercut.candidates import KIND_ORDER, Unit, removed_sublayers
 from finercut.masking import masked
 from finercut.pruned_modeling import ATTENTION, FFN, REPLACEMENT_MAPS, replacement_module
+from finercut.record import ConfigError
 
 GROUPS = ("sublayer", "run")
+TARGETS = ("sublayer", "dense")
 DEFAULT_NUM_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
 
@@ -194,6 +196,7 @@ class RecoveryResult:
     rank: int | None
     ridge: float
     group: str
+    target: str
     calibration: dict
     seconds: float
     tokens: int
@@ -203,7 +206,7 @@ class RecoveryResult:
 
     def to_dict(self) -> dict:
         return {
-            "method": self.method, "rank": self.rank, "ridge": self.ridge, "group": self.group,
+            "method": self.method, "rank": self.rank, "ridge": self.ridge, "group": self.group, "target": self.target,
             "calibration": self.calibration, "seconds": self.seconds, "tokens": self.tokens,
             "extra_parameters": self.extra_parameters, "replacements": [r.entry for r in self.replacements],
             "residual_error": self.residual_error,
@@ -238,7 +241,7 @@ def _module_tensors(tensors: dict[str, torch.Tensor], like: torch.Tensor) -> dic
 @torch.inference_mode()
 def fit_replacements(
     model: nn.Module, adapter: ArchitectureAdapter, groups: Sequence[Sequence[Unit]], batches: Sequence[Any], *,
-    method: str, rank: int | None = None, ridge: float = 0.0,
+    method: str, rank: int | None = None, ridge: float = 0.0, target: str = "sublayer",
 ) -> tuple[list[Replacement], list[dict]]:
     """Fit one replacement per group, in model order, on the pruned model's own activations.
 
@@ -246,6 +249,9 @@ def fit_replacements(
         model: the dense model (left unchanged); its removed sub-layers compute the targets.
         groups: removed sub-layers in model order (:func:`replacement_groups`), each run consecutive.
         batches: calibration batches as :func:`finercut.scoring.capture_calibration` records them.
+        target: ``sublayer``: ``y`` is what the removed sub-layers add to the pruned model's stream ``x``;
+            ``dense``: ``y`` is the dense model's stream after the group minus ``x`` (so a replacement also
+            corrects the drift the earlier removals left, as ReplaceMe does).
 
     Returns:
         The replacements, and per replacement the mean squared norm of its target and of the fit's error.
@@ -254,7 +260,10 @@ def fit_replacements(
     hidden_size = int(model.config.hidden_size)
     removed = {unit for g in groups for unit in g}
     starts = {g[0]: list(g) for g in groups}
+    if target not in TARGETS:
+        raise ValueError(f"unknown recovery target {target!r}; choose one of {TARGETS}")
     states = [batch.first_block_input for batch in batches]
+    dense_states = list(states) if target == "dense" else None
     replacements, errors = [], []
     sublayers = [Unit(b, kind) for b in range(adapter.num_blocks(model)) for kind in (ATTENTION, FFN)]
     index = 0
@@ -263,15 +272,20 @@ def fit_replacements(
         if unit not in removed:
             states = [_run_sublayer(model, adapter, unit, h, batch.block_calls[unit.block])
                       for h, batch in zip(states, batches)]
+            if dense_states is not None:
+                dense_states = [_run_sublayer(model, adapter, unit, h, batch.block_calls[unit.block])
+                                for h, batch in zip(dense_states, batches)]
             index += 1
             continue
         covered = starts[unit]
         sums = MomentSums(hidden_size)
         targets = []
-        for h, batch in zip(states, batches):
-            out = h
+        for b, (h, batch) in enumerate(zip(states, batches)):
+            out = h if dense_states is None else dense_states[b]
             for sub in covered:
                 out = _run_sublayer(model, adapter, sub, out, batch.block_calls[sub.block])
+            if dense_states is not None:
+                dense_states[b] = out
             targets.append(out - h)
             sums.add(h, targets[-1], with_products=method != "bias")
         tensors = _module_tensors(fit_map(sums, method, rank=rank, ridge=ridge), like)
@@ -295,15 +309,15 @@ def fit_replacements(
 def check_recovery_options(method: str, *, rank: int | None, ridge: float, group: str) -> None:
     """Refuse bad options before any calibration work."""
     if method not in REPLACEMENT_MAPS:
-        raise ValueError(f"unknown recovery method {method!r}; choose one of {', '.join(REPLACEMENT_MAPS)}")
+        raise ConfigError(f"unknown recovery method {method!r}; choose one of {', '.join(REPLACEMENT_MAPS)}")
     if method == "lowrank" and (rank is None or rank < 1):
-        raise ValueError("recovery method lowrank needs a rank >= 1 (--rank R)")
+        raise ConfigError("recovery method lowrank needs a rank >= 1 (--rank R)")
     if method != "lowrank" and rank is not None:
-        raise ValueError(f"--rank applies only to recovery method lowrank, not {method}")
+        raise ConfigError(f"--rank applies only to recovery method lowrank, not {method}")
     if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+        raise ConfigError(f"ridge must be >= 0, got {ridge}")
     if group not in GROUPS:
-        raise ValueError(f"unknown recovery group {group!r}; choose one of {GROUPS}")
+        raise ConfigError(f"unknown recovery group {group!r}; choose one of {GROUPS}")
 
 
 def recovery_samples(
@@ -317,14 +331,15 @@ def recovery_samples(
         return input_ids, {"source": "tensor", "description": "token ids passed through the API",
                            **samples_info(input_ids, seed=None)}
     if tokenizer is None:
-        raise ValueError("recover needs a tokenizer, or calibration token ids as input_ids")
+        raise ConfigError("recover needs a tokenizer, or calibration token ids as input_ids")
     source = resolve_source(calibration, data_dir)
     return calibration_samples(tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed)
 
 
 def recover(
     model: nn.Module, removed: Iterable[Unit | dict[str, Any]], *, method: str = "bias", rank: int | None = None,
-    ridge: float = 0.0, group: str = "sublayer", tokenizer: Any = None, input_ids: torch.Tensor | None = None,
+    ridge: float = 0.0, group: str = "sublayer", target: str = "sublayer", tokenizer: Any = None,
+    input_ids: torch.Tensor | None = None,
     calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None,
     num_samples: int = DEFAULT_NUM_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
     batch_size: int | None = None, num_blocks: int | None = None,
@@ -338,6 +353,8 @@ def recover(
         ridge: ridge term per token for ``lowrank`` / ``linear`` (on the covariance of the input).
         group: ``sublayer`` (one replacement per removed sub-layer) or ``run`` (one per maximal run of
             consecutive removed sub-layers, placed in the run's first slot).
+        target: what a replacement predicts: ``sublayer`` (the removed sub-layers' own output on the pruned
+            model's stream) or ``dense`` (the dense model's stream after them); see :func:`fit_replacements`.
         tokenizer, calibration, data_dir, num_samples, seq_len, seed: calibration windows as for
             :func:`finercut.prune` (default WikiText-2 validation, kept apart from the test text), unless
             ``input_ids`` ``[samples, seq]`` are given.
@@ -351,15 +368,17 @@ def recover(
     from finercut.checkpoint import apply_removal, is_pruned
 
     check_recovery_options(method, rank=rank, ridge=ridge, group=group)
+    if target not in TARGETS:
+        raise ConfigError(f"unknown recovery target {target!r}; choose one of {TARGETS}")
     if is_pruned(model):
-        raise ValueError("recover needs the dense model (its removed sub-layers compute the targets)")
+        raise ConfigError("recover needs the dense model (its removed sub-layers compute the targets)")
     adapter = adapter_for(model)
     if getattr(model.config, "use_parallel_residual", False):
-        raise ValueError("recovery supports sequential blocks only; this model has a parallel residual")
+        raise ConfigError("recovery supports sequential blocks only; this model has a parallel residual")
     units = [unit if isinstance(unit, Unit) else Unit.from_dict(unit) for unit in removed]
     hidden = int(model.config.hidden_size)
     if method == "lowrank" and rank > hidden:
-        raise ValueError(f"rank {rank} exceeds the hidden size {hidden}")
+        raise ConfigError(f"rank {rank} exceeds the hidden size {hidden}")
     input_ids, calibration_info = recovery_samples(tokenizer, input_ids=input_ids, calibration=calibration,
                                                    data_dir=data_dir, num_samples=num_samples, seq_len=seq_len,
                                                    seed=seed)
@@ -371,13 +390,14 @@ def recover(
         capture_calibration, _ = _calibration_tools()
         batches = capture_calibration(model, adapter, input_ids, batch_size=batch_size or input_ids.shape[0])
         replacements, errors = fit_replacements(model, adapter, groups, batches, method=method, rank=rank,
-                                                ridge=ridge)
+                                                ridge=ridge, target=target)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - started
     apply_removal(model, units, num_blocks=num_blocks, replacements=[(r.entry, r.tensors) for r in replacements])
     result = RecoveryResult(
-        replacements=replacements, method=method, rank=rank, ridge=ridge, group=group, calibration=calibration_info,
+        replacements=replacements, method=method, rank=rank, ridge=ridge, group=group, target=target,
+        calibration=calibration_info,
         seconds=seconds, tokens=int(input_ids.numel()), extra_parameters=sum(r.parameters for r in replacements),
         residual_error=errors,
     )
@@ -410,3 +430,49 @@ def masked_with_replacements(model: nn.Module, adapter: ArchitectureAdapter, rem
         finally:
             for block, name, stub in reversed(stubs):
                 setattr(block, name, stub)
+
+
+def recover_record(
+    record: dict, output: str | os.PathLike, *, method: str, rank: int | None = None, ridge: float = 0.0,
+    group: str = "sublayer", target: str = "sublayer", count: int | None = None, model_name: str | None = None,
+    dtype: str | None = None,
+    data_dir: str | os.PathLike | None = None, num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0, overwrite: bool = False, provenance: dict | None = None,
+    log=print,
+) -> RecoveryResult:
+    """Apply a finished run's removals to its dense model with fitted replacements, and save the pruned folder.
+
+    The dense model and tokenizer are the run's (or ``model_name``); calibration is WikiText-2 validation from
+    ``data_dir`` (default: the run's data folder). ``pruning.json`` records the recovery (method, cost, windows).
+    """
+    from pathlib import Path
+
+    from finercut.checkpoint import check_save_target, parameter_stats, save_pruned
+    from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+    from finercut.record import RunConfig, removed_units
+
+    check_recovery_options(method, rank=rank, ridge=ridge, group=group)
+    saved = RunConfig.from_dict(record["config"])
+    units = removed_units(record)
+    if count is not None:
+        if not 1 <= count <= len(units):
+            raise ConfigError(f"count must be between 1 and the {len(units)} units the record removed")
+        units = units[:count]
+    check_save_target(Path(output), overwrite=overwrite)
+    source = resolve_model_source(model_name if model_name is not None else saved.model, saved.revision)
+    tokenizer = load_tokenizer(source)
+    model, _ = load_model(source, dtype=dtype or saved.dtype, device="cpu")
+    dense_stats = parameter_stats(model)
+    model, result = recover(
+        model, units, method=method, rank=rank, ridge=ridge, group=group, target=target, tokenizer=tokenizer,
+        data_dir=data_dir if data_dir is not None else saved.data_dir, num_samples=num_samples, seq_len=seq_len,
+        seed=seed, num_blocks=record["model"]["num_blocks"],
+    )
+    share = result.extra_parameters / dense_stats.total_parameters
+    log(f"finercut: {method} recovery of {len(units)} units: {len(result.replacements)} replacements, "
+        f"{result.extra_parameters:,} extra parameters ({share:.2%} of dense), fitted in {result.seconds:.1f} s")
+    report = save_pruned(model, output, tokenizer=tokenizer, dense_stats=dense_stats, overwrite=overwrite,
+                         provenance={**(provenance or {}), "source_model": record["model"], "count": len(units),
+                                     "recovery": result.to_dict()})
+    log(report.format())
+    return result
