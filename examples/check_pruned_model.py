@@ -50,7 +50,8 @@ def main() -> None:
         same = torch.equal(pruned(ids).logits, remote(ids).logits)
     print(f"finercut.load_pruned and from_pretrained(trust_remote_code=True) give identical logits: {same}")
     try:
-        AutoModelForCausalLM.from_pretrained(folder)
+        # trust_remote_code=False, not unset: unset, transformers asks "run the custom code? [y/N]" in a terminal.
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
         print("plain from_pretrained loaded the folder (unexpected)")
     except Exception as error:  # transformers refuses unknown model types without remote code
         print(f"plain from_pretrained refuses the folder: {type(error).__name__}: {str(error).splitlines()[0][:150]}")

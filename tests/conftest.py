@@ -83,3 +83,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Converted GGUF models are cached per user; tests use a per-session cache unless one is configured."""
     if "FINERCUT_CACHE" not in os.environ:
         monkeypatch.setenv("FINERCUT_CACHE", str(tmp_path_factory.getbasetemp() / "finercut-cache"))
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The Hugging Face hub is unreachable, whatever the machine's network: for tests of what a hub failure says.
+
+    The libraries read the offline switches when they are imported, so the environment alone is too late.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)

@@ -34,7 +34,7 @@ from finercut.checkpoint import (
     saved_tensor_shapes,
 )
 from finercut.pruned_modeling import ATTENTION, FFN, RemovedAttention
-from tiny_models import ARCHITECTURES, cached_tiny_model, tiny_input_ids
+from tiny_models import ARCHITECTURES, cache_of, cached_tiny_model, tiny_input_ids
 
 REMOVAL = (Unit(0, ATTENTION), Unit(2, BLOCK), Unit(1, FFN))
 KEPT_DENSE_BLOCKS = (0, 1, 3)
@@ -163,7 +163,7 @@ def test_an_attention_layer_keeps_its_window_type_not_its_index(arch):
     assert pruned.config.layer_types == ["sliding_attention", "full_attention"] * 2  # blocks are all kept
     assert pruned.new_kv_cache().is_sliding == [False, True, False]
     outputs = pruned(tiny_input_ids(), use_cache=True)
-    assert [layer.keys.shape[-2] for layer in outputs.past_key_values.layers] == [12, 3, 12]  # window 4 keeps 3
+    assert [layer.keys.shape[-2] for layer in cache_of(outputs).layers] == [12, 3, 12]  # window 4 keeps 3
 
 
 def test_refuses_a_model_that_is_already_pruned():

@@ -37,3 +37,30 @@ def test_eval_a_pruned_folder_and_a_run_applied_to_its_model(capsys, tmp_path, p
 def test_eval_refuses_an_output_in_a_missing_folder_before_loading(capsys, tmp_path):
     assert main(["eval", "--output", str(tmp_path / "no" / "such" / "file.json")]) == 2
     assert "its folder does not exist" in capsys.readouterr().err
+
+
+def test_a_bug_is_not_reported_as_bad_input(capsys, monkeypatch, pruned_run):
+    # A plain ValueError deep inside (here: a summary that breaks) is finercut's fault: exit 1 with the traceback.
+    def broken_summary(record, output_dir=None):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr("finercut.cli.summarize_record", broken_summary)
+    assert main(["show", str(pruned_run)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: an internal inconsistency" in err
+    assert "this is a bug in finercut, not a problem with your input" in err
+
+
+def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path):
+    assert main(["show", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"finercut show: error: no record.json in {tmp_path / 'missing'}"
+
+
+def test_a_machine_problem_is_one_line_not_a_bug(capsys, monkeypatch, pruned_run):
+    def full_disk(record, output_dir=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("finercut.cli.summarize_record", full_disk)
+    assert main(["show", str(pruned_run)]) == 2
+    assert "No space left on device" in capsys.readouterr().err

@@ -10,6 +10,7 @@ tiny Mistral (5) and Gemma 2/3 (4) models.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from finercut.candidates import BLOCK, Unit
 from finercut.checkpoint import apply_removal, save_pruned
 from finercut.masking import masked
 from finercut.pruned_modeling import ATTENTION, FFN
-from tiny_models import ARCHITECTURES, cached_tiny_model, tiny_input_ids
+from tiny_models import ARCHITECTURES, cache_of, cached_tiny_model, tiny_input_ids
 
 NEW_TOKENS = 10
 PROMPT_LENGTHS = (6, 4, 2)
@@ -84,7 +85,7 @@ def test_cached_generation_equals_masked_generation_without_cache(arch, removal)
     assert_same_generation(actual, expected)
     attention_layers = sum(not any(u.block == b and u.kind in (ATTENTION, BLOCK) for u in units) for b in range(4))
     if attention_layers:  # the cache really was used, one layer per remaining attention
-        assert len(actual.past_key_values.layers) == attention_layers
+        assert len(cache_of(actual).layers) == attention_layers
 
 
 @pytest.mark.parametrize("removal", ["block 0 attention", "all but one attention"])
@@ -112,7 +113,7 @@ def test_a_reloaded_model_generates_like_the_in_memory_one(arch, tmp_path):
 def test_a_forward_pass_with_use_cache_builds_the_pruned_cache():
     pruned = apply_removal(copy.deepcopy(dense_model("gemma3")), REMOVALS["block 0 attention"])
     outputs = pruned(tiny_input_ids(), use_cache=True)
-    assert outputs.past_key_values.is_sliding == [False, True, False]  # dense blocks 1, 2, 3
+    assert cache_of(outputs).is_sliding == [False, True, False]  # dense blocks 1, 2, 3
 
 
 def test_a_static_cache_is_refused_with_a_clear_message():
@@ -120,3 +121,30 @@ def test_a_static_cache_is_refused_with_a_clear_message():
     ids, mask = left_padded_prompts()
     with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
         greedy(pruned, ids, mask, cache_implementation="static")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_a_reloaded_folder_builds_the_pruned_cache_and_generates_like_the_masked_model(arch, tmp_path):
+    # The saved folder runs its own copy of the modeling code (modeling_finercut.py), on whichever release of
+    # transformers is installed: its plain forward with use_cache=True must build the pruned cache too.
+    units = REMOVALS["block 0 attention"]
+    save_pruned(apply_removal(copy.deepcopy(dense_model(arch)), units), tmp_path / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()
+    assert type(reloaded).__module__.endswith("modeling_finercut")  # the folder's code, not finercut's
+
+    cache = cache_of(reloaded(tiny_input_ids(), use_cache=True))
+    assert len(cache.layers) == 3  # dense blocks 1, 2, 3, each of its own type, each written to
+    assert cache.is_sliding == ([False, True, False] if arch == "gemma3" else [False] * 3)
+    assert all(layer.keys is not None for layer in cache.layers)
+
+    ids, mask = left_padded_prompts()
+    assert_same_generation(greedy(reloaded, ids, mask), masked_uncached(arch, units, ids, mask))
+
+
+def test_generation_and_a_cached_forward_raise_no_deprecation_warning():
+    pruned = apply_removal(copy.deepcopy(dense_model("llama")), REMOVALS["mixed"])
+    ids, mask = left_padded_prompts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. transformers 5.24's FutureWarning for `past_key_values`
+        greedy(pruned, ids, mask)
+        pruned(tiny_input_ids(), use_cache=True)

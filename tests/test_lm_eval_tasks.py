@@ -300,9 +300,9 @@ def test_missing_task_files_say_what_to_pass(tmp_path):
         evaluate_tasks(model, tokenizer, tasks=["mmlu"], data_dir=tmp_path)
 
 
-def test_without_a_data_dir_the_builtin_tasks_are_used_and_never_replaced_by_local_files(monkeypatch):
+def test_without_a_data_dir_the_builtin_tasks_are_used_and_never_replaced_by_local_files(monkeypatch, offline_hub):
     monkeypatch.delenv("FINERCUT_DATA_DIR", raising=False)
     model, tokenizer = tiny_model_and_tokenizer()
-    # Offline here, so lm-eval's built-in boolq cannot fetch its hub dataset.
+    # Offline (offline_hub), so lm-eval's built-in boolq cannot fetch its hub dataset.
     with pytest.raises(DataError, match="built-in tasks.*hub.*data_dir="):
         evaluate_tasks(model, tokenizer, tasks=["boolq"], limit=1)

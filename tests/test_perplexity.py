@@ -125,10 +125,10 @@ def test_missing_local_file_says_what_to_pass(tmp_path):
         wikitext2_test_rows(tmp_path)
 
 
-def test_without_a_data_dir_the_hub_is_asked_and_its_failure_says_how_to_run_offline(monkeypatch):
+def test_without_a_data_dir_the_hub_is_asked_and_its_failure_says_how_to_run_offline(monkeypatch, offline_hub):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     with pytest.raises(DataError, match="wikitext/wikitext-2-raw-v1.*data_dir=.*FINERCUT_DATA_DIR"):
-        wikitext2_test_rows()  # offline here: the hub is unreachable, and no local file is used in its place
+        wikitext2_test_rows()  # the hub is unreachable (offline_hub), and no local file is used in its place
 
 
 def test_data_dir_that_does_not_exist_is_an_error_not_a_silent_hub_download(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,14 +23,18 @@ def prune_args(model_dir: Path, text: Path, output: Path, *extra: str) -> list[s
             "--threads", "1", "--no-progress", "--output", str(output), *extra]
 
 
-def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
+def run_cli(args: list[str], *, signal_after_steps: int | None = None,
+            signal_name: str = "SIGKILL") -> subprocess.CompletedProcess:
+    """The CLI in a new process; with ``signal_after_steps``, signalled mid-candidate once that many steps are done."""
+    command = [sys.executable, "-m", "finercut.cli"]
+    if signal_after_steps is not None:
+        command = [sys.executable, str(Path(__file__).with_name("interrupted_run.py")), str(signal_after_steps),
+                   signal_name]
 
     def default_sigint():  # a shell's background job ignores SIGINT, and Python then keeps ignoring it
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    return subprocess.run([sys.executable, "-m", "finercut.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600, preexec_fn=default_sigint)
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, preexec_fn=default_sigint)
 
 
 def without_timings(value):
@@ -66,7 +69,7 @@ def test_sigkill_mid_candidate_then_resume_gives_the_uninterrupted_result(tmp_pa
                                                                           uninterrupted):
     output = tmp_path / "killed"
     args = prune_args(tiny_model_dir, word_text, output, "--count", "4")
-    killed = run_cli(args, {"FINERCUT_TEST_KILL_AT_STEP": "1"})
+    killed = run_cli(args, signal_after_steps=1)
     assert killed.returncode == -9, killed.stderr
     progress = read(output / "progress.json")
     assert len(progress["steps"]) == 1 and not (output / "record.json").exists() and not (output / "model").exists()
@@ -102,8 +105,8 @@ def test_a_larger_target_extends_a_finished_run(tmp_path, tiny_model_dir, word_t
 
 def test_ctrl_c_keeps_finished_steps_and_prints_the_resume_command(tmp_path, tiny_model_dir, word_text):
     output = tmp_path / "interrupted"
-    result = run_cli(prune_args(tiny_model_dir, word_text, output, "--count", "4"),
-                     {"FINERCUT_TEST_KILL_AT_STEP": "2", "FINERCUT_TEST_KILL_SIGNAL": "SIGINT"})
+    result = run_cli(prune_args(tiny_model_dir, word_text, output, "--count", "4"), signal_after_steps=2,
+                     signal_name="SIGINT")
     assert result.returncode == 130
     assert f"finercut prune --resume --output {output}" in result.stderr
     assert len(read(output / "progress.json")["steps"]) == 2
@@ -275,3 +278,47 @@ def test_resume_without_a_run_is_refused(capsys, tmp_path):
     assert main(["prune", "--resume", "--output", str(tmp_path / "none")]) == 2
     assert "holds no run to resume" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_resume_on_a_changed_model_is_refused_naming_the_difference(capsys, tmp_path, word_text):
+    model_dir = save_tiny_model(tmp_path / "model")
+    output = tmp_path / "run"
+    assert main(prune_args(model_dir, word_text, output, "--count", "1", "--no-save-model")) == 0
+    assert read(output / "progress.json")["model_identity"]["kind"] == "folder"
+
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last weight: same file size, same header
+    weights.write_bytes(bytes(data))
+    assert_refused(capsys, prune_args(model_dir, word_text, output, "--count", "2", "--no-save-model"),
+                   "holds steps searched on a different model:\n  model sha256: the saved run used", output)
+
+
+def test_resume_on_the_same_model_copied_elsewhere_is_accepted(tmp_path, word_text, tiny_model_dir):
+    import shutil
+
+    output = tmp_path / "run"
+    assert main(prune_args(tiny_model_dir, word_text, output, "--count", "1", "--no-save-model")) == 0
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    # The folder's path is a setting (refused as a different run); the identity check is about content.
+    run_file = output / "run.json"
+    saved = read(run_file)
+    saved["config"]["model"] = str(copy)
+    run_file.write_text(json.dumps(saved))
+    assert main(prune_args(copy, word_text, output, "--count", "2", "--no-save-model")) == 0
+    assert len(read(output / "record.json")["steps"]) == 2
+
+
+def test_a_gguf_model_without_the_gguf_package_says_what_to_install(capsys, monkeypatch, tmp_path, word_text,
+                                                                   output):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gguf" else find_spec(name, *args))
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")  # refused before it is read
+    assert_refused(capsys, prune_args(gguf_file, word_text, output),
+                   "reading the GGUF model model.gguf needs the `gguf` package, a dependency of finercut that is "
+                   "missing from this environment: reinstall finercut (`pip install finercut`) or run "
+                   "`pip install 'gguf>=0.10'`", output)

@@ -96,3 +96,11 @@ def cached_tiny_model(name: str) -> torch.nn.Module:
 def tiny_input_ids(*, samples: int = 3, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (samples, seq), generator=generator)
+
+
+def cache_of(outputs) -> object:
+    """The KV cache of a forward or ``generate`` output, whichever name the installed transformers gives it."""
+    for name in ("cache", "past_key_values"):
+        if name in outputs:
+            return outputs[name]
+    raise AssertionError(f"no KV cache in the output (fields: {list(outputs.keys())})")

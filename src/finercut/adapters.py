@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from finercut.errors import UserError
 from finercut.pruned_modeling import LAYOUT_FORMAT, LAYOUT_KEY
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UserError, ValueError):
     """The model's architecture has no adapter."""
 
 
@@ -78,6 +79,19 @@ class ArchitectureAdapter:
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def linear_head_weight(self, model: nn.Module) -> torch.Tensor | None:
+        """``W`` (``[vocab, hidden]``) if :meth:`head_logits` is exactly ``normed_hidden @ W^T``, else None.
+
+        None for a head with a bias, with final-logit soft-capping, or that is not a plain ``nn.Linear``: then
+        no vocabulary-free form of a distance applies. A weight tied to the embeddings is returned as is (read
+        only).
+        """
+        head = model.get_submodule(self.head)
+        cap = getattr(model.config, self.logit_softcap, None) if self.logit_softcap else None
+        if type(head) is not nn.Linear or head.bias is not None or cap is not None:
+            return None
+        return head.weight
 
     def layout(self, model: nn.Module, removed: list[dict[str, Any]]) -> dict[str, Any]:
         """The pruning layout of ``model`` (dense) with ``removed`` sub-layers, for config and checkpoint."""

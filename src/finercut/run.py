@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,17 @@ import torch
 from torch import nn
 
 from finercut import baselines
-from finercut.adapters import ArchitectureAdapter, adapter_for, adapter_for_config
+from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
 from finercut.candidates import Unit, count_units, window_applies
 from finercut.distances import metric_named
+from finercut.errors import UserError
 from finercut.modelio import (
+    identity_differences,
     load_config,
     load_model,
     load_tokenizer,
+    model_identity,
     resolve_device,
     resolve_dtype,
     resolve_model_source,
@@ -52,13 +54,11 @@ RECORD_FILE = "record.json"
 LAYER_MAP_FILE = "layer_map.png"
 MODEL_DIR = "model"
 OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, MODEL_DIR)
-TEST_KILL_ENV = "FINERCUT_TEST_KILL_AT_STEP"
-TEST_SIGNAL_ENV = "FINERCUT_TEST_KILL_SIGNAL"
 
 Log = Callable[[str], None]
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(UserError, ValueError):
     """The output folder holds something other than a matching run."""
 
 
@@ -236,6 +236,7 @@ class FolderState:
     saved_config: RunConfig | None = None
     completed: list[Step] = field(default_factory=list)
     calibration_sha256: str | None = None
+    model_identity: dict | None = None
     holds_files: bool = False
 
 
@@ -263,7 +264,8 @@ def inspect_output(output_dir: Path, *, parse: bool = True) -> FolderState:
         raise OutputFolderError(
             f"{output_dir / RUN_FILE} or its progress file is unreadable ({error}); pass --overwrite to start over"
         ) from error
-    return FolderState(saved_config, completed, progress.get("calibration_sha256") if progress else None, True)
+    return FolderState(saved_config, completed, progress.get("calibration_sha256") if progress else None,
+                       progress.get("model_identity") if progress else None, True)
 
 
 def discard_run_files(output_dir: Path) -> None:
@@ -327,6 +329,8 @@ def run_in_folder(
     target = config.target(num_blocks)
     config.first_candidate_block(num_blocks)
     check_context_length(model_config, config.seq_len)
+    identity = model_identity(source, model_config)
+    check_same_model(state, identity, output_dir, log)
     if len(state.completed) > target:
         raise ConfigError(
             f"{output_dir} already removed {len(state.completed)} units; a smaller target ({target}) needs a new "
@@ -351,6 +355,7 @@ def run_in_folder(
             "changed?); resume with the same data or start over with --overwrite"
         )
     model, model_info = load_model(source, dtype=config.dtype, device=config.device, device_map=config.device_map)
+    model_info["identity"] = identity
 
     if overwrite:
         discard_run_files(output_dir)
@@ -367,6 +372,7 @@ def run_in_folder(
     def write_progress(steps: Sequence[Step]) -> None:
         write_json_atomic(output_dir / PROGRESS_FILE, {
             "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
+            "model_identity": identity,
             "steps": [step.to_dict() for step in steps],
         })
 
@@ -384,14 +390,11 @@ def run_in_folder(
         context = ScoringContext.build(model, adapter, metric_named(config.metric), input_ids,
                                        batch_size=config.batch_size)
         reference_seconds = time.perf_counter() - started
-        kill_hook = _install_test_kill_hook(model, adapter, lambda: len(steps_so_far))
         try:
             steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=completed,
                                on_step=save_progress, progress=progress)
         finally:
             context.close()
-            if kill_hook:
-                kill_hook.remove()
         if one_shot:
             write_progress(steps)
 
@@ -411,6 +414,22 @@ def run_in_folder(
     if config.save_model:
         result.notes.append(save_pruned_model(result, num_blocks=num_blocks).format())
     return result
+
+
+def check_same_model(state: FolderState, identity: dict, output_dir: Path, log: Log) -> None:
+    """Refuse to continue a run's steps on a model other than the one they were searched on."""
+    if not state.completed:
+        return
+    if state.model_identity is None:
+        log(f"finercut: the run in {output_dir} does not record which model it searched (made by an older "
+            "finercut); resuming without checking that the model is unchanged")
+        return
+    differences = identity_differences(state.model_identity, identity)
+    if differences:
+        raise ConfigError(
+            f"{output_dir} holds steps searched on a different model:\n  " + "\n  ".join(differences)
+            + "\nResume with the model the run used, or start over with --overwrite"
+        )
 
 
 def save_pruned_model(result: PruneResult, *, num_blocks: int):
@@ -443,23 +462,3 @@ def layer_map_title(record: dict) -> str:
     method = record["method"] + (f" ({record['metric']})" if record.get("metric") else "")
     return (f"{record['model']['id']}: {method}, {reached['sublayers']}/{2 * record['model']['num_blocks']} "
             f"sub-layers removed (ratio {reached['sublayer_ratio']:.1%})")
-
-
-def _install_test_kill_hook(model: nn.Module, adapter: ArchitectureAdapter, steps_done: Callable[[], int]):
-    """Test hook: once ``FINERCUT_TEST_KILL_AT_STEP`` steps are done, signal this process mid-candidate.
-
-    The signal is SIGKILL unless ``FINERCUT_TEST_KILL_SIGNAL`` names another (e.g. SIGINT, as Ctrl-C sends).
-    """
-    at_step = os.environ.get(TEST_KILL_ENV)
-    if not at_step:
-        return None
-    signal_number = getattr(signal, os.environ.get(TEST_SIGNAL_ENV, "SIGKILL"))
-    calls = {"n": 0}
-
-    def maybe_signal(module, args):
-        if steps_done() >= int(at_step):
-            calls["n"] += 1
-            if calls["n"] == 1:  # inside a candidate evaluation: its earlier blocks ran, head and distance not yet
-                os.kill(os.getpid(), signal_number)
-
-    return adapter.blocks_of(model)[-1].register_forward_pre_hook(maybe_signal)

@@ -37,6 +37,7 @@ from lm_eval.tasks import TaskManager
 
 from finercut.calibration import DataError, resolve_data_dir
 from finercut.evaluation.tasks import MMLU_NUM_FEWSHOT, commonsense_task, mmlu_group
+from finercut.errors import ConfigError
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu")
 MMLU = "mmlu"
@@ -141,7 +142,7 @@ def evaluate_tasks(
     names = _checked_task_names(tasks)
     for name, value in (("limit", limit), ("mmlu_limit_per_subject", mmlu_limit_per_subject)):
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive number of documents or None, got {value}")
+            raise ConfigError(f"{name} must be a positive number of documents or None, got {value}")
     if mmlu_limit_per_subject is None:
         mmlu_limit_per_subject = limit
     _check_lm_arguments(model, batch_size=batch_size, device=device)
@@ -260,10 +261,10 @@ def run_lm_eval(
 
 def _check_lm_arguments(model: torch.nn.Module, *, batch_size: int, device: str | torch.device | None) -> None:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     model_device = next(model.parameters()).device
     if device is not None and torch.device(device) != model_device:
-        raise ValueError(f"the model is on {model_device}, not {device}; move it first (lm-eval does not)")
+        raise ConfigError(f"the model is on {model_device}, not {device}; move it first (lm-eval does not)")
 
 
 def lm_eval_version() -> str:
@@ -276,9 +277,9 @@ def _checked_task_names(tasks: Sequence[str]) -> list[str]:
         tasks = [tasks]
     unknown = [name for name in tasks if name not in PAPER_TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(PAPER_TASKS)}")
+        raise ConfigError(f"unknown task(s) {unknown}; known tasks: {', '.join(PAPER_TASKS)}")
     if len(set(tasks)) != len(tasks) or not tasks:
-        raise ValueError(f"tasks must be distinct and non-empty, got {list(tasks)}")
+        raise ConfigError(f"tasks must be distinct and non-empty, got {list(tasks)}")
     return list(tasks)
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from finercut.calibration import DATA_DIR_ENV, hub_wikitext2_rows, resolve_data_dir
+from finercut.calibration import DATA_DIR_ENV, DataError, hub_wikitext2_rows, resolve_data_dir
+from finercut.errors import ConfigError, MissingFileError
 WIKITEXT2_TEST_FILE = Path("wikitext2") / "test.json"
 HUB_WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
 DEFAULT_WINDOW_LENGTH = 2048
@@ -48,7 +49,7 @@ def wikitext2_test_rows(data_dir: str | Path | None = None) -> list[str]:
         return hub_wikitext2_rows("test")
     path = root / WIKITEXT2_TEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} not found; pass data_dir=<folder containing {WIKITEXT2_TEST_FILE}> (or set {DATA_DIR_ENV})"
         )
     with path.open(encoding="utf-8") as handle:
@@ -117,11 +118,11 @@ def windowed_perplexity(
         batch_size: windows per forward pass.
     """
     if window_length < 2:
-        raise ValueError(f"window_length must be >= 2 to predict anything, got {window_length}")
+        raise ConfigError(f"window_length must be >= 2 to predict anything, got {window_length}")
     if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
+        raise ConfigError(f"max_windows must be >= 1 or None, got {max_windows}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     context = getattr(model.config, "max_position_embeddings", None)
     length = min(window_length, context) if context else window_length
     rows = wikitext2_test_rows(data_dir)
@@ -130,7 +131,7 @@ def windowed_perplexity(
     windows = token_windows(torch.tensor(text_ids), window_length=length, bos_token_id=bos_id)
     available = windows.shape[0]
     if available == 0:
-        raise ValueError(f"the text has {len(text_ids)} tokens, fewer than one window of {length}")
+        raise DataError(f"the text has {len(text_ids)} tokens, fewer than one window of {length}")
     windows = windows[:max_windows]
 
     mean_nll = mean_next_token_nll(model, windows, batch_size=batch_size)
@@ -282,7 +283,7 @@ def lm_eval_wikitext_perplexity(
     from lm_eval.tasks import TaskManager
 
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of documents or None, got {limit}")
+        raise ConfigError(f"limit must be a positive number of documents or None, got {limit}")
     root = resolve_data_dir(data_dir)
     lm = hf_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
     if root is None:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from lm_eval.api.task import ConfigurableTask
 
 from finercut.evaluation.tasks.builtin import builtin_task_config, task_on_local_docs
+from finercut.errors import MissingFileError
 
 # The export's ActivityNet items end in ctx_b, the unfinished last sentence, as the dataset stores it (lower case);
 # lm-eval's hellaswag process_docs joins ``ctx_a + " " + ctx_b.capitalize()``. ctx_b is the text after the last
@@ -108,7 +109,7 @@ def read_local_docs(name: str, tasks_dir: Path) -> list[dict[str, Any]]:
     mapping = LOCAL_FIELD_MAPPINGS[name]
     path = tasks_dir / mapping.file
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name}: local file {path} not found; pass data_dir=<folder containing tasks/{mapping.file}> "
             "(or set FINERCUT_DATA_DIR)"
         )

@@ -21,6 +21,8 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.config.group import AggMetricConfig
 
 from finercut.evaluation.tasks.builtin import builtin_task_config, task_on_local_docs
+from finercut.calibration import DataError
+from finercut.errors import MissingFileError
 
 MMLU_NUM_FEWSHOT = 5  # the paper's (and the MMLU paper's) setting
 MMLU_NUM_SUBJECTS = 57
@@ -35,7 +37,7 @@ def mmlu_subjects(mmlu_dir: Path) -> list[str]:
     subjects = sorted(test_subjects & dev_subjects)
     if len(subjects) != MMLU_NUM_SUBJECTS:
         missing = sorted(test_subjects ^ dev_subjects)
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"MMLU: expected {MMLU_NUM_SUBJECTS} subjects with dev and test csv files under {mmlu_dir}, found "
             f"{len(subjects)}" + (f" (dev or test missing for: {', '.join(missing)})" if missing else "")
             + "; pass data_dir=<folder containing tasks/mmlu/{dev,test}> (or set FINERCUT_DATA_DIR)"
@@ -52,11 +54,11 @@ def read_mmlu_csv(path: Path, *, subject: str) -> list[dict[str, Any]]:
         reader = csv.reader(handle)
         header = next(reader)
         if header != _CSV_HEADER:
-            raise ValueError(f"{path}: expected header {','.join(_CSV_HEADER)}, got {','.join(header)}")
+            raise DataError(f"{path}: expected header {','.join(_CSV_HEADER)}, got {','.join(header)}")
         rows = list(reader)
     malformed = [line for line, row in enumerate(rows, start=2) if len(row) != len(_CSV_HEADER)]
     if malformed:
-        raise ValueError(f"{path}: lines {malformed[:5]} do not have {len(_CSV_HEADER)} fields")
+        raise DataError(f"{path}: lines {malformed[:5]} do not have {len(_CSV_HEADER)} fields")
     return [
         {"question": question, "subject": subject, "choices": choices, "answer": int(answer)}
         for question, *choices, answer in rows

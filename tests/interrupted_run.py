@@ -1,0 +1,46 @@
+"""``python tests/interrupted_run.py STEPS SIGNAL finercut-args...``: the CLI, signalled once STEPS steps are done.
+
+The signal (``SIGKILL``, or ``SIGINT`` as Ctrl-C sends) arrives inside the next candidate evaluation: its earlier
+blocks ran, its output head and distance not yet. The seam is a wrapper around ``finercut.run.find_steps``, so
+the shipped code has no test-only branch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from finercut import cli, run
+
+
+def signal_after(steps: int, signal_number: int):
+    plain_find_steps = run.find_steps
+
+    def find_steps(context, config, *, completed=(), on_step=None, **options):
+        done = {"steps": len(completed), "signalled": False}
+
+        def count_step(step):
+            if on_step:
+                on_step(step)
+            done["steps"] += 1
+
+        def maybe_signal(module, args):
+            if done["steps"] >= steps and not done["signalled"]:
+                done["signalled"] = True
+                os.kill(os.getpid(), signal_number)
+
+        last_block = context.adapter.blocks_of(context.model)[-1]
+        handle = last_block.register_forward_pre_hook(maybe_signal)
+        try:
+            return plain_find_steps(context, config, completed=completed, on_step=count_step, **options)
+        finally:
+            handle.remove()
+
+    run.find_steps = find_steps
+
+
+if __name__ == "__main__":
+    steps, signal_name, *arguments = sys.argv[1:]
+    signal_after(int(steps), getattr(signal, signal_name))
+    sys.exit(cli.main(arguments))
