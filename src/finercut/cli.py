@@ -302,6 +302,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from finercut.export import export_model
+
+    path, notes = export_model(args.run, format=args.format, output=args.output, overwrite=args.overwrite,
+                               outtype=args.outtype)
+    label = {"decilm": "DeciLM (DeciLMForCausalLM) folder", "gguf": "GGUF file"}[args.format]
+    print(f"{label} written to {path}")
+    for note in notes:
+        print(f"  {note}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from finercut.report import write_report
+
+    print(f"report written to {write_report(args.run, args.html)}")
+    return 0
+
+
 def _count_or_all(text: str) -> int | None:
     """A non-negative count, or ``all`` (None: no limit)."""
     if text == "all":
@@ -373,10 +392,25 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(run N shards side by side, then once without --shard)")
     _add_eval_options(compare)
     compare.set_defaults(limit=200, mmlu_limit=3, wikitext_docs=5)
+
+    export = commands.add_parser("export", help="write a pruned model for serving engines (DeciLM folder or GGUF)",
+                                 description="Write a pruned model in a layout serving engines load without "
+                                             "finercut's code: decilm (DeciLMForCausalLM / Nemotron-NAS: vLLM, "
+                                             "llama.cpp's converter) or gguf (llama.cpp). Llama, Mistral, Qwen2.")
+    export.add_argument("run", help="run folder (its model/) or pruned model folder")
+    export.add_argument("--format", required=True, choices=("decilm", "gguf"))
+    export.add_argument("--output", "-o", required=True, help="folder (decilm) or .gguf file (gguf) to create")
+    export.add_argument("--outtype", default="f32", choices=("f32", "f16"), help="gguf: tensor type of the matrices")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    report = commands.add_parser("report", help="one self-contained HTML page of a run or a compare folder")
+    report.add_argument("run", help="run folder (record.json) or compare folder (compare.json)")
+    report.add_argument("--html", required=True, help="the page to write")
     return parser
 
 
-COMMANDS = {"prune": cmd_prune, "show": cmd_show, "apply": cmd_apply, "eval": cmd_eval, "compare": cmd_compare}
+COMMANDS = {"prune": cmd_prune, "show": cmd_show, "apply": cmd_apply, "eval": cmd_eval, "compare": cmd_compare,
+            "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

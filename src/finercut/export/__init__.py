@@ -1,0 +1,43 @@
+"""Export pruned models for serving engines: the DeciLM / Nemotron-NAS layout (vLLM, llama.cpp's converter) and
+GGUF (llama.cpp). ``finercut export RUN --format decilm|gguf --output PATH`` calls :func:`export_model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finercut.export.source import ExportError, load_source
+
+FORMATS = ("decilm", "gguf")
+
+
+def export_model(path: str | Path, *, format: str, output: str | Path, overwrite: bool = False,
+                 outtype: str = "f32") -> tuple[Path, list[str]]:
+    """Export the pruned model in ``path`` (a pruned folder or a run folder) as ``format`` to ``output``.
+
+    Returns:
+        The path written and notes for the user (layout choices that matter when serving it).
+
+    Raises:
+        ExportError: the model cannot be written in that format (the message says why), before anything is written.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
+    output = Path(output).expanduser()
+    if output.exists() and not overwrite and (output.is_file() or any(output.iterdir())):
+        raise ExportError(f"{output} exists; choose another path or pass --overwrite")
+    source = load_source(path)
+    if format == "decilm":
+        from finercut.export.decilm import write_decilm
+
+        if outtype != "f32":
+            raise ExportError("--outtype applies to --format gguf; a DeciLM folder keeps the pruned model's dtype")
+        return write_decilm(source, output, overwrite=overwrite), [
+            "vLLM: serve with --trust-remote-code (it reads block_configs through the configuration_decilm.py "
+            "written next to the weights; no modeling code is shipped)",
+        ]
+    from finercut.export.gguf import write_gguf
+
+    return write_gguf(source, output, outtype=outtype, overwrite=overwrite)
+
+
+__all__ = ["ExportError", "FORMATS", "export_model"]

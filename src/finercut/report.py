@@ -1,0 +1,383 @@
+"""``finercut report``: one self-contained HTML page of a run or a compare folder, figures inlined as PNG.
+
+A run page shows what was removed (the layer map), how far each step's candidates moved the output (the distance
+of every candidate per step; a candidate whose scoring was cut short holds only a lower bound and is drawn as
+one), the cost trajectory when the record has one, and the list of steps. A compare page adds the results table
+and the accuracy and perplexity curves of every method. Nothing is fetched when the page is opened.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from finercut.candidates import Unit  # noqa: E402
+from finercut.errors import MissingFileError  # noqa: E402
+from finercut.plots import ATTENTION_COLOR, FFN_COLOR, plot_layer_map, plot_metric_vs_ratio  # noqa: E402
+from finercut.record import read_json, removed_units  # noqa: E402
+
+KIND_COLORS = {"attention": ATTENTION_COLOR, "ffn": FFN_COLOR, "block": "#7570b3"}
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; background: #fff; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; } th { background: #f0f0f0; }
+td.text, th.text { text-align: left; } img { max-width: 100%; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; } .figures img { max-width: 48%; }
+.note { color: #666; font-size: 0.85em; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dt { font-weight: 600; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading steps and candidates (records with and without lower bounds)
+
+
+def is_bound(candidate: dict[str, Any]) -> bool:
+    """Whether a candidate's distance is only a lower bound (its scoring was aborted early).
+
+    Records mark such candidates with ``"bound": true`` (or ``"aborted": true``); records without the field
+    hold exact distances only.
+    """
+    return bool(candidate.get("bound") or candidate.get("aborted"))
+
+
+def step_points(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (step, candidate): 1-based step, kind, distance, whether it is a bound, whether it was chosen.
+
+    Candidates without a distance (random removal) are left out.
+    """
+    points = []
+    for number, step in enumerate(steps, start=1):
+        chosen = Unit.from_dict(step["removed"])
+        for candidate in step.get("candidates", []):
+            if candidate.get("distance") is None:
+                continue
+            unit = Unit.from_dict(candidate)
+            points.append({"step": number, "kind": unit.kind, "block": unit.block, "distance": candidate["distance"],
+                           "bound": is_bound(candidate), "samples": candidate.get("samples"),
+                           "chosen": unit == chosen})
+    return points
+
+
+def step_rows(steps: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The steps table: step, removed unit, its distance, candidates scored, how many of them hold only a bound."""
+    rows = []
+    for number, step in enumerate(steps, start=1):
+        candidates = step.get("candidates", [])
+        distance = step.get("distance")
+        rows.append([str(number), str(Unit.from_dict(step["removed"])),
+                     "–" if distance is None else f"{distance:.6g}", str(len(candidates)),
+                     str(sum(is_bound(c) for c in candidates))])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def png_data_uri(fig) -> str:
+    """A matplotlib figure as an inline ``data:image/png;base64,...`` URI (the figure is closed)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def file_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def step_distance_figure(steps: Sequence[dict[str, Any]], *, log_y: bool = True) -> str | None:
+    """Every candidate's distance at every step (x: step), the chosen one outlined; bounds drawn as ``^``."""
+    points = step_points(steps)
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for kind, color in KIND_COLORS.items():
+        for bound, marker, label in ((False, "o", kind), (True, "^", f"{kind} (lower bound, aborted)")):
+            chosen = [p for p in points if p["kind"] == kind and p["bound"] == bound]
+            if chosen:
+                ax.scatter([p["step"] for p in chosen], [p["distance"] for p in chosen], s=14, marker=marker,
+                           facecolors="none" if bound else color, edgecolors=color, alpha=0.7, label=label)
+    picked = [p for p in points if p["chosen"]]
+    ax.plot([p["step"] for p in picked], [p["distance"] for p in picked], color="black", linewidth=1,
+            marker="s", markersize=4, label="removed")
+    positive = all(p["distance"] > 0 for p in points)
+    if log_y and positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("distance to the original model")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    return png_data_uri(fig)
+
+
+def cost_trajectory(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The record's cost per step (``cost_trajectory``: one dict of fractions per step), if it has one."""
+    trajectory = record.get("cost_trajectory") or record.get("costs")
+    return trajectory if isinstance(trajectory, list) and trajectory else None
+
+
+def cost_figure(trajectory: Sequence[dict[str, Any]]) -> str:
+    """One line per cost (fraction of the dense model) against the step."""
+    keys = sorted({k for row in trajectory for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for key in keys:
+        ax.plot(range(1, len(trajectory) + 1), [row.get(key) for row in trajectory], marker=".", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of the dense model")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return png_data_uri(fig)
+
+
+def drawn_png_uri(draw: Callable[[Path], Any]) -> str:
+    """The PNG that ``draw(path)`` saves, as an inline data URI (drawn in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "figure.png"
+        draw(path)
+        return file_data_uri(path)
+
+
+def layer_map_uri(record: dict[str, Any], folder: Path | None, *, title: str) -> str:
+    """The run's layer map: its own ``layer_map.png`` if there is one, else drawn from the record."""
+    saved = folder / "layer_map.png" if folder is not None else None
+    if saved is not None and saved.is_file():
+        return file_data_uri(saved)
+    return drawn_png_uri(lambda path: plot_layer_map(removed_units(record), record["model"]["num_blocks"], path,
+                                                     title=title))
+
+
+def metric_figure_uri(series: dict[str, list[tuple[float, float]]], *, ylabel: str, title: str,
+                      log_y: bool = False) -> str:
+    return drawn_png_uri(lambda path: plot_metric_vs_ratio(series, path, ylabel=ylabel, title=title, log_y=log_y))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, text_columns: int = 1, table_id: str = "") -> str:
+    """An HTML table; the first ``text_columns`` columns are left-aligned text, the rest numbers."""
+    def cell(tag: str, index: int, value: str) -> str:
+        cls = ' class="text"' if index < text_columns else ""
+        return f"<{tag}{cls}>{html.escape(str(value))}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def image(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def page(title: str, sections: Sequence[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>" + "".join(sections) + "</body></html>\n")
+
+
+def facts(items: Sequence[tuple[str, str]]) -> str:
+    return "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items) + "</dl>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run
+
+
+def run_sections(record: dict[str, Any], folder: Path | None, *, heading: str = "") -> list[str]:
+    """The sections of one run: summary, layer map, step distances, cost trajectory, steps table."""
+    from finercut.run import layer_map_title
+
+    reached = record["reached"]
+    model = record["model"]
+    prefix = f"{heading}: " if heading else ""
+    sections = [
+        f"<h2>{html.escape(prefix)}Summary</h2>",
+        facts([
+            ("model", f"{model.get('id')} ({model.get('architecture')}, {model['num_blocks']} blocks)"),
+            ("method", f"{record['method']}" + (f", metric {record['metric']}" if record.get("metric") else "")
+             + f", granularity {record['granularity']}"),
+            ("removed", f"{reached['count']} units = {reached['sublayers']} sub-layers ({reached['attention']} "
+                        f"attention, {reached['ffn']} FFN; {reached['whole_blocks']} whole blocks); "
+                        f"sub-layer ratio {reached['sublayer_ratio']:.1%}"),
+            ("calibration", str(record.get("calibration", {}).get("description", "–"))),
+        ]),
+        f"<h2>{html.escape(prefix)}Layer map</h2>",
+        image(layer_map_uri(record, folder, title=layer_map_title(record)), "layer map"),
+    ]
+    distances = step_distance_figure(record["steps"])
+    bounds = sum(p["bound"] for p in step_points(record["steps"]))
+    sections.append(f"<h2>{html.escape(prefix)}Distances per step</h2>")
+    if distances:
+        sections.append(image(distances, "candidate distances per step"))
+        sections.append(f'<p class="note">Each point is one candidate scored at that step; the black line is the '
+                        f"candidate removed. {bounds} candidate scores are lower bounds (scoring stopped once the "
+                        "candidate could no longer be the least), drawn as open triangles.</p>")
+    else:
+        sections.append('<p class="note">This method scores no candidates (random removal).</p>')
+    trajectory = cost_trajectory(record)
+    sections.append(f"<h2>{html.escape(prefix)}Cost trajectory</h2>")
+    sections.append(image(cost_figure(trajectory), "cost trajectory") if trajectory else
+                    '<p class="note">The record holds no cost trajectory (a run with a sub-layer count target).</p>')
+    sections.append(f"<h2>{html.escape(prefix)}Steps</h2>")
+    sections.append(table(["step", "removed", "distance", "candidates", "lower bounds"], step_rows(record["steps"]),
+                          text_columns=2, table_id="steps"))
+    return sections
+
+
+def run_page(folder_or_record: Path) -> str:
+    path = Path(folder_or_record)
+    folder = path if path.is_dir() else None
+    record = read_json(path / "record.json" if folder else path)
+    return page(f"finercut run: {record['model'].get('id')}", run_sections(record, folder))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A compare folder
+
+
+def compare_variants(folder: Path) -> tuple[Any, list[Any], list[dict[str, Any] | None]]:
+    """The compare folder's config, its variants (as ``finercut compare`` forms them, read only) and each one's
+    saved evaluation (None where it was not run yet)."""
+    from finercut.candidates import count_units, target_count
+    from finercut.compare import COMPARE_METHODS, SELECTED_PER_RATIO, CompareConfig, Variant, result_key
+    from finercut.record import removal_summary
+
+    saved = read_json(folder / "compare.json")
+    known = {f for f in CompareConfig.__dataclass_fields__}
+    config = CompareConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+    ratios = sorted(r for r in config.ratios if r > 0)
+    variants = [Variant("dense", 0.0, ())] if 0.0 in config.ratios else []
+    for method in config.methods:
+        granularity = COMPARE_METHODS[method]["granularity"]
+        for ratio in ratios:
+            run = folder / "runs" / (f"{method}-r{ratio:g}" if method in SELECTED_PER_RATIO else method)
+            if not (run / "record.json").is_file():
+                continue
+            record = read_json(run / "record.json")
+            num_blocks = record["model"]["num_blocks"]
+            kept = tuple(removed_units(record)[: target_count(ratio, count_units(num_blocks, granularity))])
+            variants.append(Variant(method, ratio, kept, removal_summary(kept, num_blocks=num_blocks,
+                                                                         granularity=granularity)))
+    settings = config.evaluation_settings()
+    results = []
+    for variant in variants:
+        path = folder / "results" / f"{result_key(variant, settings)}.json"
+        results.append(read_json(path) if path.is_file() else None)
+    return config, variants, results
+
+
+def results_rows(config: Any, variants: Sequence[Any], results: Sequence[dict | None]) -> list[list[str]]:
+    """Per variant: method, target, reached, each task's accuracy (%), average, perplexities; '–' where missing."""
+    from finercut.compare import COMPARE_METHODS
+
+    rows = []
+    for variant, result in zip(variants, results):
+        stages = (result or {}).get("stages", {})
+        scores = stages.get("tasks", {}).get("scores", {})
+        cells = []
+        for task in config.tasks:
+            score = scores.get(task) or {}
+            value = score.get("acc_norm") if score.get("acc_norm") is not None else score.get("acc")
+            cells.append("–" if value is None else f"{100 * value:.1f}")
+        average = stages.get("tasks", {}).get("average")
+        ppl = stages.get("windowed_perplexity", {}).get("ppl")
+        word = stages.get("lm_eval_wikitext", {}).get("word_perplexity")
+        label = "Dense" if variant.method == "dense" else COMPARE_METHODS[variant.method]["label"]
+        rows.append([label, f"{variant.ratio:.0%}", f"{variant.summary.get('sublayer_ratio', 0.0):.1%}", *cells,
+                     "–" if average is None else f"{100 * average:.1f}", "–" if ppl is None else f"{ppl:.2f}",
+                     "–" if word is None else f"{word:.2f}"])
+    return rows
+
+
+def compare_series(variants, results) -> tuple[dict, dict]:
+    """Accuracy and perplexity against the ratio reached, per method (dense as every method's ratio 0)."""
+    from finercut.compare import COMPARE_METHODS
+
+    accuracy: dict[str, list] = {}
+    perplexity: dict[str, list] = {}
+    dense = next((r for v, r in zip(variants, results) if v.method == "dense" and r), None)
+    for variant, result in zip(variants, results):
+        if variant.method == "dense" or not result:
+            continue
+        label, stages = COMPARE_METHODS[variant.method]["label"], result["stages"]
+        ratio = variant.summary["sublayer_ratio"]
+        if "tasks" in stages:
+            accuracy.setdefault(label, []).append((ratio, 100 * stages["tasks"]["average"]))
+        if "windowed_perplexity" in stages:
+            perplexity.setdefault(label, []).append((ratio, stages["windowed_perplexity"]["ppl"]))
+    if dense:
+        for label in accuracy:
+            accuracy[label].append((0.0, 100 * dense["stages"]["tasks"]["average"]))
+        for label in perplexity:
+            perplexity[label].append((0.0, dense["stages"]["windowed_perplexity"]["ppl"]))
+    return accuracy, perplexity
+
+
+def compare_page(folder: Path) -> str:
+    from finercut.compare import TASK_LABELS
+
+    config, variants, results = compare_variants(folder)
+    header = ["method", "target", "reached", *(TASK_LABELS.get(t, t) for t in config.tasks), "average",
+              "ppl (a)", "word ppl (b)"]
+    missing = sum(r is None for r in results)
+    sections = [
+        "<h2>Results</h2>",
+        table(header, results_rows(config, variants, results), table_id="results"),
+        '<p class="note">Accuracy (%) is acc_norm where lm-eval reports it, else acc; ppl (a) is WikiText-2 '
+        "windowed perplexity, (b) lm-eval's word perplexity. The ratio reached counts removed sub-layers / 2L."
+        + (f" {missing} of {len(results)} variants have no saved evaluation yet (–)." if missing else "") + "</p>",
+    ]
+    figures = []
+    accuracy, perplexity = compare_series(variants, results)
+    if accuracy:
+        figures.append(image(metric_figure_uri(accuracy, ylabel="average accuracy (%)",
+                                               title="Average zero/few-shot accuracy"), "accuracy"))
+    if perplexity:
+        figures.append(image(metric_figure_uri(perplexity, ylabel="WikiText-2 perplexity (log)",
+                                               title="WikiText-2 perplexity", log_y=True), "perplexity"))
+    if figures:
+        sections.append('<div class="figures">' + "".join(figures) + "</div>")
+    finercut_run = folder / "runs" / "finercut"
+    if (finercut_run / "record.json").is_file():
+        sections += run_sections(read_json(finercut_run / "record.json"), finercut_run, heading="FinerCut run")
+    return page(f"finercut compare: {config.model or 'default model'}", sections)
+
+
+def write_report(path: str | Path, html_path: str | Path) -> Path:
+    """Write the page of a run folder (or record.json) or a compare folder to ``html_path``.
+
+    Raises:
+        MissingFileError: ``path`` holds neither a record nor a compare.json, or the page's folder is missing.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "compare.json").is_file():
+        text = compare_page(path)
+    elif (path.is_dir() and (path / "record.json").is_file()) or (path.is_file() and path.suffix == ".json"):
+        text = run_page(path)
+    else:
+        raise MissingFileError(f"{path} holds neither a run (record.json) nor a compare folder (compare.json)")
+    out = Path(html_path).expanduser()
+    if not out.parent.is_dir():
+        raise MissingFileError(f"--html {out}: its folder does not exist")
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+__all__ = ["is_bound", "step_points", "write_report"]
