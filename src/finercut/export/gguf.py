@@ -162,7 +162,8 @@ def write_gguf(source: PrunedSource, output: str | Path, *, outtype: str = "f32"
              " (per-layer head counts and FFN widths; llama.cpp runs it, transformers' GGUF reader does not)")]
     try:
         writer = gguf.GGUFWriter(str(staging), arch=arch)
-        writer.add_name(f"{source.source_model.get('id') or source.base_model_type} pruned by finercut")
+        name = Path(str(source.source_model.get("id") or source.base_model_type)).name.removesuffix(".gguf")
+        writer.add_name(f"{name} pruned by finercut")
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
         writer.add_block_count(len(source.blocks))
