@@ -45,8 +45,20 @@ class Unit:
         return f"{self.block}.{'attn' if self.kind == ATTENTION else self.kind}"
 
 
-def all_units(num_blocks: int, granularity: str) -> list[Unit]:
-    """Every candidate of a model with ``num_blocks`` blocks, in search order (2L sub-layers or L blocks)."""
+ONLY_KINDS = (ATTENTION, FFN)
+"""What ``only`` may restrict the sub-layer candidates to."""
+
+
+def all_units(num_blocks: int, granularity: str, only: str | None = None) -> list[Unit]:
+    """Every candidate of a model with ``num_blocks`` blocks, in search order (2L sub-layers or L blocks).
+
+    ``only`` (``"attention"`` or ``"ffn"``, sub-layer granularity) keeps the L sub-layers of that kind.
+    """
+    if only is not None:
+        if only not in ONLY_KINDS or granularity != "sublayer":
+            raise ValueError(f"only must be one of {ONLY_KINDS} with granularity sublayer, got {only!r}, "
+                             f"{granularity!r}")
+        return [Unit(b, only) for b in range(num_blocks)]
     if granularity == "sublayer":
         return [Unit(b, kind) for b in range(num_blocks) for kind in (ATTENTION, FFN)]
     if granularity == "block":
@@ -54,9 +66,9 @@ def all_units(num_blocks: int, granularity: str) -> list[Unit]:
     raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
 
 
-def count_units(num_blocks: int, granularity: str) -> int:
-    """Candidates of a model with ``num_blocks`` blocks: 2L sub-layers, or L blocks."""
-    return len(all_units(num_blocks, granularity))
+def count_units(num_blocks: int, granularity: str, only: str | None = None) -> int:
+    """Candidates of a model with ``num_blocks`` blocks: 2L sub-layers, or L blocks (or L sub-layers ``only``)."""
+    return len(all_units(num_blocks, granularity, only))
 
 
 def removed_sublayers(units: Iterable[Unit]) -> list[Unit]:

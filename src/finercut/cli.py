@@ -72,6 +72,8 @@ def _add_prune_parser(commands) -> None:
     search.add_argument("--method", help="finercut (default), shortgpt, deeper_layers, random")
     search.add_argument("--metric", help="js (default), angular, euclidean, js_official")
     search.add_argument("--granularity", help="sublayer (default: attention and FFN separately) or block")
+    search.add_argument("--only", choices=("attention", "ffn"),
+                        help="only sub-layers of this kind are candidates; --ratio then counts them (L units)")
     search.add_argument("--scorer", help="fast (default: prefix cache) or naive (full forward per candidate)")
     search.add_argument("--window-until", dest="window_until_ratio", type=float,
                         help="restrict candidates while at most this fraction is removed (default 0.4)")
@@ -99,7 +101,7 @@ def _add_prune_parser(commands) -> None:
 RUN_CONFIG_OPTIONS = (
     "model", "revision", "dtype", "device", "device_map", "threads", "ratio", "count", "method", "metric",
     "granularity", "scorer", "window_until_ratio", "window_fraction", "window_first_block", "calibration", "data_dir",
-    "num_samples", "seq_len", "seed", "batch_size", "save_model",
+    "num_samples", "seq_len", "seed", "batch_size", "save_model", "only",
 )
 
 

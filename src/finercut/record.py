@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from finercut.candidates import GRANULARITIES, Unit, count_units, first_window_block, removed_sublayers, target_count
+from finercut.candidates import (
+    GRANULARITIES, ONLY_KINDS, Unit, count_units, first_window_block, removed_sublayers, target_count,
+)
 from finercut.distances import METRICS
 from finercut.errors import ConfigError
 from finercut.pruned_modeling import ATTENTION, FFN
@@ -30,6 +32,8 @@ METHOD_GRANULARITIES = {
     "deeper_layers": ("block",),
 }
 """Pruning methods and the granularities each supports; the first is its default."""
+ONLY_METHODS = ("finercut", "random")
+"""Methods that can restrict their candidates to one kind of sub-layer (``only``)."""
 SCORER_NAMES = ("fast", "naive")
 
 
@@ -52,6 +56,8 @@ class RunConfig:
     granularity: str | None = None
     """sublayer (attention and FFN separately) or block; None: the method's own (block for ShortGPT and
     DeeperLayers, which score whole blocks)."""
+    only: str | None = None
+    """attention or ffn: only sub-layers of that kind are candidates, and ratio counts them (L units)."""
     metric: str = "js"
     ratio: float | None = None
     """Layer pruning ratio r; removes round(r * units). Exactly one of ratio and count."""
@@ -78,6 +84,11 @@ class RunConfig:
         _check_choice("granularity", self.granularity, GRANULARITIES)
         if self.granularity not in METHOD_GRANULARITIES[self.method]:
             raise ConfigError(f"method {self.method} removes whole blocks; use granularity block (or leave it unset)")
+        if self.only is not None:
+            _check_choice("only", self.only, ONLY_KINDS)
+            if self.granularity != "sublayer" or self.method not in ONLY_METHODS:
+                raise ConfigError(f"only={self.only} needs granularity sublayer and a method that scores sub-layers "
+                                  f"({', '.join(ONLY_METHODS)}), not {self.method} with {self.granularity}")
         _check_choice("metric", self.metric, tuple(METRICS))
         _check_choice("scorer", self.scorer, SCORER_NAMES)
         if (self.ratio is None) == (self.count is None):
@@ -97,7 +108,7 @@ class RunConfig:
 
     def target(self, num_blocks: int) -> int:
         """Units to remove from a model with ``num_blocks`` blocks (at least one, and never all of them)."""
-        total_units = count_units(num_blocks, self.granularity)
+        total_units = count_units(num_blocks, self.granularity, self.only)
         count = self.count if self.count is not None else target_count(self.ratio, total_units)
         if count >= total_units:
             what = f"count {count}" if self.count is not None else f"ratio {self.ratio} (= {count} units)"

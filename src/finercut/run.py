@@ -33,6 +33,7 @@ from finercut.modelio import (
     resolve_dtype,
     resolve_model_source,
 )
+from finercut.evaluation.stats import kv_cache_summary
 from finercut.plots import plot_layer_map
 from finercut.record import (
     PROGRESS_FORMAT,
@@ -81,7 +82,7 @@ class PruneResult:
 
 def planned_evaluations(*, num_blocks: int, config: RunConfig, done: int, target: int) -> int:
     """Candidate evaluations left, assuming removals come from the window while it applies (for the ETA)."""
-    units = count_units(num_blocks, config.granularity)
+    units = count_units(num_blocks, config.granularity, config.only)
     first = config.first_candidate_block(num_blocks)
     window_units = units - (first * (units // num_blocks))
     return sum(
@@ -103,7 +104,8 @@ def find_steps(
     if config.method == "deeper_layers":
         return baselines.deeper_layers_steps(context, count=target)
     if config.method == "random":
-        return baselines.random_steps(num_blocks, granularity=config.granularity, count=target, seed=config.seed)
+        return baselines.random_steps(num_blocks, granularity=config.granularity, count=target, seed=config.seed,
+                                      only=config.only)
     scorer = SCORERS[config.scorer](context)
     bar = _progress_bar(num_blocks=num_blocks, config=config, done=len(completed), target=target, enabled=progress)
     state = {"step": len(completed)}
@@ -123,7 +125,7 @@ def find_steps(
         return greedy_search(
             scorer, num_blocks=num_blocks, granularity=config.granularity, target=target,
             window_until_ratio=config.window_until_ratio, window_first_block=config.first_candidate_block(num_blocks),
-            completed=completed, on_step=after_step, on_candidate=on_candidate,
+            completed=completed, on_step=after_step, on_candidate=on_candidate, only=config.only,
         )
     finally:
         bar.close()
@@ -138,7 +140,7 @@ def _progress_bar(*, num_blocks: int, config: RunConfig, done: int, target: int,
 
 def prune(
     model: nn.Module, tokenizer: Any = None, *, ratio: float | None = None, count: int | None = None,
-    method: str = "finercut", metric: str = "js", granularity: str | None = None,
+    method: str = "finercut", metric: str = "js", granularity: str | None = None, only: str | None = None,
     input_ids: torch.Tensor | None = None,
     calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None, num_samples: int = 10,
     seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast",
@@ -152,6 +154,7 @@ def prune(
         tokenizer: needed unless ``input_ids`` is given.
         ratio: layer pruning ratio r: removes round(r * 2L) sub-layers (round(r * L) blocks). Default 0.25
             when ``count`` is not given either.
+        only: ``"attention"`` or ``"ffn"``: only sub-layers of that kind are candidates (ratio counts them).
         input_ids: ``[samples, seq]`` ready calibration token ids (instead of sampling ``calibration``).
         calibration: ``"wikitext2"`` or a ``.txt``/``.jsonl`` file, sampled into ``num_samples`` windows of
             ``seq_len`` tokens with ``seed``.
@@ -163,7 +166,7 @@ def prune(
         ratio = 0.25
     data_folder = resolve_data_dir(data_dir)
     config = RunConfig(
-        method=method, granularity=granularity, metric=metric, ratio=ratio, count=count,
+        method=method, granularity=granularity, only=only, metric=metric, ratio=ratio, count=count,
         window_until_ratio=window_until_ratio, window_fraction=window_fraction,
         window_first_block=window_first_block, calibration=calibration,
         data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
@@ -203,6 +206,7 @@ def prune(
         num_blocks=num_blocks, target=target, window_first_block=window_first,
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds},
+        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps])},
     )
     return PruneResult(steps=steps, record=record)
 
@@ -405,6 +409,7 @@ def run_in_folder(
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds,
                  "resumed_steps": len(completed)},
+        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps])},
     )
     write_json_atomic(output_dir / RECORD_FILE, record)
     plot_layer_map([s.unit for s in steps], num_blocks, output_dir / LAYER_MAP_FILE,

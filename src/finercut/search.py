@@ -72,9 +72,11 @@ class Scorer(Protocol):
 def greedy_search(
     scorer: Scorer, *, num_blocks: int, granularity: str, target: int, window_until_ratio: float,
     window_first_block: int, completed: Sequence[Step] = (), on_step: Callable[[Step], None] | None = None,
-    on_candidate: Callable[[Unit, float], None] | None = None,
+    on_candidate: Callable[[Unit, float], None] | None = None, only: str | None = None,
 ) -> list[Step]:
     """Remove ``target`` units one at a time, each the one whose removal moves the output least.
+
+    ``only`` (``"attention"`` / ``"ffn"``) restricts the candidates to one kind of sub-layer.
 
     Args:
         scorer: scores candidates given what is already removed.
@@ -90,7 +92,7 @@ def greedy_search(
     Returns:
         All steps, ``completed`` included, in order.
     """
-    units = all_units(num_blocks, granularity)
+    units = all_units(num_blocks, granularity, only)
     steps = list(completed)
     removed = [step.unit for step in steps]
     if removed and len(removed) < target:

@@ -124,8 +124,8 @@ def deeper_layers_steps(context: ScoringContext, *, count: int) -> list[Step]:
             for step in steps]
 
 
-def random_steps(num_blocks: int, *, granularity: str, count: int, seed: int) -> list[Step]:
+def random_steps(num_blocks: int, *, granularity: str, count: int, seed: int, only: str | None = None) -> list[Step]:
     """Uniformly random units: the first ``count`` of a seeded shuffle, so smaller counts are prefixes."""
-    order = all_units(num_blocks, granularity)
+    order = all_units(num_blocks, granularity, only)
     random.Random(seed).shuffle(order)
     return _steps_in_order(order[:count], {}, 0.0, 0)

@@ -101,6 +101,20 @@ def kv_cache_bytes_per_token(model: nn.Module, *, dtype: torch.dtype | None = No
     return layers * 2 * kv_heads * head_dim * (dtype or model.dtype).itemsize
 
 
+def kv_cache_summary(model: nn.Module, removed: Sequence[Any]) -> dict[str, Any]:
+    """KV-cache bytes per token of a dense model before and after removing ``removed`` (units), in its dtype."""
+    from finercut.candidates import removed_sublayers
+    from finercut.pruned_modeling import ATTENTION
+
+    dense = kv_cache_bytes_per_token(model)
+    layers = len(adapter_for_config(model.config).blocks_of(model))
+    removed_attention = len({unit.block for unit in removed_sublayers(removed) if unit.kind == ATTENTION})
+    after = dense * (layers - removed_attention) // layers
+    return {"bytes_per_token_before": dense, "bytes_per_token_after": after,
+            "attention_layers_before": layers, "attention_layers_after": layers - removed_attention,
+            "dtype": str(model.dtype).removeprefix("torch.")}
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -161,6 +175,7 @@ class ModelStats:
     context_length: int
     forward_seconds: float | None = None
     tokens_per_second: float | None = None
+    kv_cache_bytes_per_token: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -184,6 +199,7 @@ def model_stats(models: dict[str, nn.Module], *, context_length: int, measure: b
             name=name, parameters=sizes.total_parameters, weight_bytes=sizes.total_bytes,
             macs=count_macs(model, context_length=context_length), context_length=context_length,
             forward_seconds=latencies.get(name), tokens_per_second=throughputs.get(name),
+            kv_cache_bytes_per_token=kv_cache_bytes_per_token(model),
         ))
     return rows
 
@@ -192,9 +208,9 @@ def format_stats_table(rows: Sequence[ModelStats]) -> str:
     """Markdown table; ratios are relative to the first row (the dense model)."""
     base = rows[0]
     lines = [
-        f"| model | parameters | weight memory | MACs @ {base.context_length} tokens | forward latency | "
-        "generation |",
-        "|---|---|---|---|---|---|",
+        f"| model | parameters | weight memory | MACs @ {base.context_length} tokens | KV cache per token | "
+        "forward latency | generation |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         latency = (f"{row.forward_seconds:.3f} s ({row.forward_seconds / base.forward_seconds:.2f}x)"
@@ -205,9 +221,17 @@ def format_stats_table(rows: Sequence[ModelStats]) -> str:
             f"| {row.name} | {row.parameters / 1e6:.1f} M ({row.parameters / base.parameters:.1%}) "
             f"| {row.weight_bytes / 2**20:.0f} MiB ({row.weight_bytes / base.weight_bytes:.1%}) "
             f"| {row.macs['total'] / 1e9:.1f} G ({row.macs['total'] / base.macs['total']:.1%}) "
-            f"| {latency} | {throughput} |"
+            f"| {_kv_cell(row, base)} | {latency} | {throughput} |"
         )
     return "\n".join(lines)
+
+
+def _kv_cell(row: ModelStats, base: ModelStats) -> str:
+    if row.kv_cache_bytes_per_token is None:
+        return "n/a"
+    share = (f" ({row.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token:.1%})"
+             if base.kv_cache_bytes_per_token else "")
+    return f"{row.kv_cache_bytes_per_token / 1024:.1f} KiB{share}"
 
 
 @torch.inference_mode()
