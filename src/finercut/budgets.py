@@ -1,0 +1,232 @@
+"""Cost-aware targets: stop at a budget in what users pay for, and pick removals by distance per unit of cost.
+
+A target such as "at most 70% of the dense model's parameters" is a fraction ``F`` of the dense model's total
+``C`` under one measure (parameters, MACs of a ``T``-token forward pass, KV-cache bytes per token, or measured
+latency). Removing sub-layer ``u`` saves ``s(u)`` of that total, so after removing the set ``R`` the model costs
+``C - sum_{u in R} s(u)``; the savings are counted with the statistics module's own counters
+(:mod:`finercut.evaluation.stats`, :func:`finercut.checkpoint.parameter_stats`), so the remaining cost equals what
+they report for the physically pruned model. Each step removes the candidate with the least distance per unit of
+cost saved, ``argmin d(u) / s(u)`` over candidates with ``s(u) > 0``, and the run stops at the first step after
+which ``C - sum s <= F * C``. The paper's ``--ratio`` rule (least distance, a count of sub-layers) is unchanged.
+
+This module holds the pure rules and the cost counts; :func:`cost_aware_greedy` is the plain form of the search
+under a budget (any scorer plugs in), the specification a faster integration must equal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from finercut.candidates import Unit, removed_sublayers
+from finercut.pruned_modeling import ATTENTION, FFN
+
+MEASURES = ("params", "macs", "kv_cache", "latency")
+Scored = Sequence[tuple[Unit, float]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rules
+
+
+def check_fraction(fraction: float) -> float:
+    """A target fraction of the dense model's cost must lie in (0, 1)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"a cost target is a fraction of the dense model in (0, 1), got {fraction}")
+    return fraction
+
+
+def distance_per_cost(distance: float, saving: float) -> float:
+    """The selection score ``d / s``; a unit that saves nothing can never be chosen (infinite score)."""
+    return distance / saving if saving > 0 else math.inf
+
+
+def select_least_per_cost(scored: Scored, saving: Callable[[Unit], float]) -> tuple[Unit, float]:
+    """The candidate with the least distance per unit of cost saved.
+
+    Exact ties go to the earliest unit in search order, as in :func:`finercut.candidates.select_least`.
+
+    Raises:
+        ValueError: no candidate saves anything under this measure (e.g. only FFNs left for a KV-cache target).
+    """
+    useful = [(unit, distance) for unit, distance in scored if saving(unit) > 0]
+    if not useful:
+        raise ValueError("no candidate saves any cost under this measure")
+    return min(useful, key=lambda item: (distance_per_cost(item[1], saving(item[0])), item[0].sort_key))
+
+
+def target_met(remaining: float, dense_total: float, fraction: float) -> bool:
+    """Whether a model costing ``remaining`` is within ``fraction`` of the dense model's ``dense_total``."""
+    return remaining <= fraction * dense_total * (1 + 1e-12)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What each sub-layer saves under one measure, and the dense model's total."""
+
+    measure: str
+    dense_total: float
+    savings: Mapping[Unit, float]
+    """Per sub-layer unit (``attention`` / ``ffn`` of every block): the cost its removal saves."""
+
+    def saving(self, unit: Unit) -> float:
+        """What removing ``unit`` saves (a whole block saves both of its sub-layers)."""
+        return sum(self.savings[sub] for sub in unit.sublayers())
+
+    def remaining(self, removed: Iterable[Unit]) -> float:
+        """The cost of the model once ``removed`` (units, in any order, without repeats) are gone."""
+        sublayers = removed_sublayers(removed)
+        if len(set(sublayers)) != len(sublayers):
+            raise ValueError("a sub-layer is removed more than once")
+        return self.dense_total - sum(self.savings[sub] for sub in sublayers)
+
+    def trajectory(self, removed: Sequence[Unit]) -> list[float]:
+        """The remaining fraction of the dense cost after each removal, in order."""
+        return [self.remaining(removed[: i + 1]) / self.dense_total for i in range(len(removed))]
+
+
+@dataclass(frozen=True)
+class BudgetStep:
+    """One step of a budgeted search: the unit removed, its distance, and the cost fraction left afterwards."""
+
+    unit: Unit
+    distance: float
+    fraction: float
+
+
+def cost_aware_greedy(units: Sequence[Unit], score: Callable[[list[Unit], list[Unit]], Scored], cost: CostModel,
+                      fraction: float) -> list[BudgetStep]:
+    """The search under a budget, plainly: remove ``argmin d/s`` until the model costs at most ``fraction``.
+
+    Args:
+        units: every candidate, in search order.
+        score: ``score(removed, candidates)`` -> ``[(unit, distance), ...]`` given what is already removed.
+        cost: the measure's savings and dense total.
+        fraction: the target, a fraction of the dense model's cost in (0, 1).
+
+    Returns:
+        The steps; the last one is the first that meets the target.
+
+    Raises:
+        ValueError: the target cannot be met even by removing every candidate (checked before any scoring).
+    """
+    check_fraction(fraction)
+    floor = cost.remaining(units)
+    if not target_met(floor, cost.dense_total, fraction):
+        raise ValueError(f"a {cost.measure} target of {fraction:.1%} cannot be met: removing every candidate leaves "
+                         f"{floor / cost.dense_total:.1%} of the dense model")
+    removed: list[Unit] = []
+    steps: list[BudgetStep] = []
+    while not target_met(cost.remaining(removed), cost.dense_total, fraction):
+        candidates = [u for u in units if u not in removed and cost.saving(u) > 0]
+        unit, distance = select_least_per_cost(score(list(removed), candidates), cost.saving)
+        removed.append(unit)
+        steps.append(BudgetStep(unit, distance, cost.remaining(removed) / cost.dense_total))
+    return steps
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the ``(cost, distance)`` points no other point beats on both (lower-or-equal cost and distance,
+    one strictly lower), sorted by cost: the trade-offs worth showing."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Costs, counted as the statistics module counts them
+
+
+def _block_parts(model: nn.Module):
+    from finercut.adapters import adapter_for_config
+
+    adapter = adapter_for_config(model.config)
+    return adapter, adapter.blocks_of(model)
+
+
+def _parameters(modules: Iterable[nn.Module]) -> int:
+    seen: dict[int, int] = {}
+    for module in modules:
+        for param in module.parameters():
+            seen[id(param)] = param.numel()
+    return sum(seen.values())
+
+
+def sublayer_parameters(model: nn.Module) -> dict[Unit, int]:
+    """Parameters each sub-layer of a dense model holds: the attention (or FFN) module and the norms that only
+    feed it, which is what removing it deletes."""
+    adapter, blocks = _block_parts(model)
+    costs = {}
+    for index, block in enumerate(blocks):
+        for kind, main, norms in ((ATTENTION, adapter.attention, adapter.attention_norms),
+                                  (FFN, adapter.ffn, adapter.ffn_norms)):
+            costs[Unit(index, kind)] = _parameters([getattr(block, name) for name in (main, *norms)])
+    return costs
+
+
+def sublayer_macs(model: nn.Module, *, context_length: int) -> dict[Unit, int]:
+    """MACs each sub-layer costs in one forward pass over ``context_length`` tokens, as
+    :func:`finercut.evaluation.stats.count_macs` counts them (weights per token, plus attention's context part)."""
+    from finercut.evaluation.stats import attention_windows, visible_keys, weight_macs_per_token
+
+    adapter, blocks = _block_parts(model)
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    experts = getattr(config, "num_experts_per_tok", None)
+    costs = {}
+    for index, (block, window) in enumerate(zip(blocks, attention_windows(config, len(blocks)))):
+        attention = getattr(block, adapter.attention)
+        costs[Unit(index, ATTENTION)] = (context_length * weight_macs_per_token(attention, experts_per_token=None)
+                                         + 2 * heads * head_dim * visible_keys(context_length, window))
+        costs[Unit(index, FFN)] = context_length * weight_macs_per_token(getattr(block, adapter.ffn),
+                                                                         experts_per_token=experts)
+    return costs
+
+
+def sublayer_kv_cache_bytes(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[Unit, int]:
+    """KV-cache bytes per token each sub-layer holds: ``2 * kv_heads * head_dim * itemsize`` per attention, 0 per
+    FFN (:func:`finercut.evaluation.stats.kv_cache_bytes_per_token`)."""
+    _, blocks = _block_parts(model)
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_layer = 2 * kv_heads * head_dim * (dtype or model.dtype).itemsize
+    return {Unit(i, kind): per_layer if kind == ATTENTION else 0
+            for i in range(len(blocks)) for kind in (ATTENTION, FFN)}
+
+
+def cost_model(model: nn.Module, measure: str, *, context_length: int | None = None) -> CostModel:
+    """The savings and dense total of ``measure`` for a dense model (``latency``: see :func:`latency_cost_model`)."""
+    from finercut.checkpoint import parameter_stats
+    from finercut.evaluation.stats import count_macs, kv_cache_bytes_per_token
+
+    if measure == "params":
+        return CostModel(measure, parameter_stats(model).total_parameters, sublayer_parameters(model))
+    if measure == "macs":
+        if not context_length or context_length < 1:
+            raise ValueError("a MACs target needs the context length it is counted for (--context T)")
+        return CostModel(measure, count_macs(model, context_length=context_length)["total"],
+                         sublayer_macs(model, context_length=context_length))
+    if measure == "kv_cache":
+        return CostModel(measure, kv_cache_bytes_per_token(model), sublayer_kv_cache_bytes(model))
+    if measure == "latency":
+        raise ValueError("latency costs are measured on the device: build them with latency_cost_model")
+    raise ValueError(f"unknown cost measure {measure!r}; choose from {', '.join(MEASURES)}")
+
+
+def latency_cost_model(sublayer_seconds: Mapping[Unit, float], rest_seconds: float) -> CostModel:
+    """Latency costs from per-sub-layer timings measured on the device, plus the time of everything else
+    (embeddings, final norm, head), which no removal saves."""
+    if rest_seconds < 0 or any(seconds < 0 for seconds in sublayer_seconds.values()):
+        raise ValueError("measured latencies cannot be negative")
+    return CostModel("latency", rest_seconds + sum(sublayer_seconds.values()), dict(sublayer_seconds))
