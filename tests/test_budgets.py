@@ -137,3 +137,17 @@ def test_cost_model_refusals_and_measured_latency():
     assert latency.dense_total == pytest.approx(0.1) and latency.remaining([Unit(0, BLOCK)]) == pytest.approx(0.08)
     with pytest.raises(ValueError, match="negative"):
         latency_cost_model({A: -1.0}, rest_seconds=0.0)
+
+
+def test_measured_sublayer_latencies_cover_every_sub_layer_and_fit_in_the_forward_time(one_thread):
+    from tiny_models import tiny_input_ids
+
+    from finercut.budgets import measure_sublayer_latency
+
+    model = cached_tiny_model("llama")
+    seconds, rest = measure_sublayer_latency(model, tiny_input_ids(), repeats=3)
+    assert set(seconds) == set(all_units(4, "sublayer"))
+    assert all(value > 0 for value in seconds.values()) and rest >= 0
+    latency = latency_cost_model(seconds, rest)
+    assert latency.remaining(all_units(4, "sublayer")) == pytest.approx(rest)
+    assert not any(hook for module in model.modules() for hook in (module._forward_hooks, module._forward_pre_hooks))

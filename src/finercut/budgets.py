@@ -220,7 +220,7 @@ def cost_model(model: nn.Module, measure: str, *, context_length: int | None = N
     if measure == "kv_cache":
         return CostModel(measure, kv_cache_bytes_per_token(model), sublayer_kv_cache_bytes(model))
     if measure == "latency":
-        raise ValueError("latency costs are measured on the device: build them with latency_cost_model")
+        raise ValueError("latency costs are measured on the device: measure_sublayer_latency, then latency_cost_model")
     raise ValueError(f"unknown cost measure {measure!r}; choose from {', '.join(MEASURES)}")
 
 
@@ -230,3 +230,54 @@ def latency_cost_model(sublayer_seconds: Mapping[Unit, float], rest_seconds: flo
     if rest_seconds < 0 or any(seconds < 0 for seconds in sublayer_seconds.values()):
         raise ValueError("measured latencies cannot be negative")
     return CostModel("latency", rest_seconds + sum(sublayer_seconds.values()), dict(sublayer_seconds))
+
+
+@torch.inference_mode()
+def measure_sublayer_latency(model: nn.Module, input_ids: torch.Tensor, *, repeats: int = 5,
+                             warmup: int = 1) -> tuple[dict[Unit, float], float]:
+    """Median seconds each attention and FFN sub-layer of a dense model takes in one forward pass, on its device.
+
+    Timed with hooks around the sub-layer modules during ordinary forward passes (no cache) over ``input_ids``
+    (``[batch, seq]``); the rest (embeddings, norms, head, framework overhead) is the median full forward time
+    minus the sub-layers' sum, floored at 0. Feed both to :func:`latency_cost_model`.
+    """
+    import statistics
+    import time
+
+    adapter, blocks = _block_parts(model)
+    synchronize = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
+    started: dict[Unit, float] = {}
+    times: dict[Unit, list[float]] = {}
+    handles = []
+
+    def timers(unit: Unit):
+        def before(module, args):
+            synchronize()
+            started[unit] = time.perf_counter()
+
+        def after(module, args, output):
+            synchronize()
+            times.setdefault(unit, []).append(time.perf_counter() - started[unit])
+        return before, after
+
+    for index, block in enumerate(blocks):
+        for kind, name in ((ATTENTION, adapter.attention), (FFN, adapter.ffn)):
+            before, after = timers(Unit(index, kind))
+            module = getattr(block, name)
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    totals = []
+    try:
+        for run in range(warmup + repeats):
+            synchronize()
+            begin = time.perf_counter()
+            model(input_ids=input_ids, use_cache=False)
+            synchronize()
+            if run < warmup:
+                times.clear()
+            else:
+                totals.append(time.perf_counter() - begin)
+    finally:
+        for handle in handles:
+            handle.remove()
+    medians = {unit: statistics.median(values) for unit, values in times.items()}
+    return medians, max(0.0, statistics.median(totals) - sum(medians.values()))
