@@ -190,7 +190,8 @@ def deci_reference_from_gguf(path: Path) -> DeciLMReference:
               "num_attention_heads": max(heads), "num_hidden_layers": len(blocks),
               "rms_norm_eps": fields["deci.attention.layer_norm_rms_epsilon"],
               "rope_theta": fields["deci.rope.freq_base"], "tie_word_embeddings": "output.weight" not in tensors,
-              "max_position_embeddings": fields["deci.context_length"], "block_configs": blocks}
+              "max_position_embeddings": fields["deci.context_length"], "block_configs": blocks,
+              "attention_bias": False, "qkv_bias": any(name.endswith("attn_q.bias") for name in tensors)}
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
     sub = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
@@ -212,8 +213,9 @@ def deci_reference_from_gguf(path: Path) -> DeciLMReference:
     return model.eval()
 
 
-def test_gguf_deci_layout_has_per_layer_counts_and_reloads_to_the_same_logits(tmp_path, one_thread):
-    folder, pruned = pruned_folder(tmp_path, MIXED, dtype=torch.float32)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_deci_layout_has_per_layer_counts_and_reloads_to_the_same_logits(tmp_path, one_thread, arch):
+    folder, pruned = pruned_folder(tmp_path, MIXED, arch=arch, dtype=torch.float32)
     path, notes = export_model(folder, format="gguf", output=tmp_path / "out" / "pruned.gguf")
     fields, tensors = gguf_metadata(path)
     assert fields["general.architecture"] == "deci"
@@ -228,6 +230,7 @@ def test_gguf_deci_layout_has_per_layer_counts_and_reloads_to_the_same_logits(tm
     assert torch.count_nonzero(tensors["blk.2.ffn_down.weight"]) == 0
     assert tuple(tensors["blk.0.ffn_gate.weight"].shape) == (256, 32) and "blk.3.attn_q.weight" not in tensors
     assert any("zero FFN" in note for note in notes)
+    assert ("blk.0.attn_q.bias" in tensors) == (arch == "qwen2") and "blk.0.attn_output.bias" not in tensors
     ids = tiny_input_ids()
     torch.testing.assert_close(logits(deci_reference_from_gguf(path), ids), logits(pruned, ids), rtol=0, atol=1e-5)
 
