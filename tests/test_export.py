@@ -280,20 +280,3 @@ def test_cli_exports_a_run_folder_and_refuses_in_one_line(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "gguf", "--output", str(tmp_path / "m.gguf")]) == 0
     assert (tmp_path / "m.gguf").is_file()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# llama.cpp itself, where llama-cpp-python is installed
-
-
-@pytest.mark.slow
-def test_llama_cpp_generates_the_pruned_models_greedy_tokens(tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    folder, pruned = pruned_folder(tmp_path, MIXED, dtype=torch.float32)
-    path, _ = export_model(folder, format="gguf", output=tmp_path / "m.gguf")
-    model = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, vocab_only=False)
-    ids = tiny_input_ids(samples=1)[0].tolist()
-    model.eval(ids)
-    expected = logits(pruned, torch.tensor([ids]))[0]
-    got = torch.tensor(model.scores[: len(ids)])
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
