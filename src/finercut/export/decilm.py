@@ -47,7 +47,8 @@ EXPORT_INFO_FILE = "finercut_export.json"
 
 # Dense-config keys that the per-block configs replace, or that DeciLM does not have.
 _REPLACED_KEYS = ("intermediate_size", "num_key_value_heads", "sliding_window", "use_sliding_window",
-                  "max_window_layers", "layer_types", "finercut", "auto_map", "architectures", "model_type")
+                  "max_window_layers", "layer_types", "finercut", "auto_map", "architectures", "model_type",
+                  "_name_or_path")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,6 +115,8 @@ def decilm_config(source: PrunedSource) -> dict[str, Any]:
     rope = config.get("rope_parameters") or {}
     if "rope_theta" not in config and "rope_theta" in rope:  # older readers look for it at the top level
         config["rope_theta"] = rope["rope_theta"]
+    if "dtype" in config:  # and for the dtype under its older name
+        config.setdefault("torch_dtype", config["dtype"])
     if source.base_model_type == "qwen2":  # q/k/v biases, none on o_proj: vLLM's qkv_bias rule
         config.update(attention_bias=False, qkv_bias=True)
     return config
