@@ -99,9 +99,9 @@ def synthetic_steps() -> list[dict]:
     return [
         {"step": 0, "removed": {"block": 3, "kind": "attention"}, "distance": 0.1, "candidates": [
             {"block": 3, "kind": "attention", "distance": 0.1},
-            {"block": 3, "kind": "ffn", "distance": 0.4, "bound": True, "samples": 1},
+            {"block": 3, "kind": "ffn", "distance": None, "lower_bound": 0.4, "samples": 1},  # aborted
             {"block": 2, "kind": "ffn", "distance": 0.3}]},
-        {"step": 1, "removed": {"block": 2, "kind": "ffn"}, "distance": 0.2, "candidates": [
+        {"step": 1, "removed": {"block": 2, "kind": "ffn"}, "distance": 0.2, "samples_evaluated": 7, "candidates": [
             {"block": 2, "kind": "ffn", "distance": 0.2},
             {"block": 3, "kind": "ffn", "distance": None}]},
     ]
@@ -118,9 +118,11 @@ def test_step_points_mark_bounds_and_the_chosen_candidate():
 
 def test_records_without_bound_fields_hold_exact_distances_only():
     assert not is_bound({"block": 1, "kind": "ffn", "distance": 0.5})
+    assert not is_bound({"block": 1, "kind": "ffn", "distance": None})  # random removal: no score at all
+    assert is_bound({"block": 1, "kind": "ffn", "distance": None, "lower_bound": 0.2, "samples": 3})
     assert is_bound({"block": 1, "kind": "ffn", "distance": 0.5, "bound": True})
     assert is_bound({"block": 1, "kind": "ffn", "distance": 0.5, "aborted": True})
-    assert step_rows(synthetic_steps()) == [["1", "3.attn", "0.1", "3", "1"], ["2", "2.ffn", "0.2", "2", "0"]]
+    assert step_rows(synthetic_steps()) == [["1", "3.attn", "0.1", "3", "1", "–"], ["2", "2.ffn", "0.2", "2", "0", "7"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,7 +137,8 @@ def test_run_page_is_self_contained_with_layer_map_distances_and_steps(run_dir, 
     assert page.headings == ["Summary", "Layer map", "Distances per step", "Cost trajectory", "Steps"]
     steps = page.tables["steps"]
     record = json.loads((run_dir / "record.json").read_text())
-    assert steps[0] == ["step", "removed", "distance", "candidates", "lower bounds"] and len(steps) == 1 + 4
+    assert steps[0] == ["step", "removed", "distance", "candidates", "lower bounds", "samples scored"]
+    assert len(steps) == 1 + 4
     assert steps[1][1] == str(Unit.from_dict(record["steps"][0]["removed"]))
     assert "no cost trajectory" in out.read_text()
 
@@ -146,8 +149,8 @@ def test_run_page_shows_aborted_candidates_as_bounds_and_a_cost_trajectory(run_d
     marks = []
     for step in marked["steps"]:  # the first two candidates that were not removed were cut short
         others = [c for c in step["candidates"] if Unit.from_dict(c) != Unit.from_dict(step["removed"])][:2]
-        for candidate in others:
-            candidate.update(bound=True, samples=1)
+        for candidate in others:  # as the search records an aborted candidate
+            candidate.update(distance=None, lower_bound=candidate["distance"] / 2, samples=1)
         marks.append(len(others))
     marked["cost_trajectory"] = [{"params": 1 - 0.1 * i, "kv_cache": 1 - 0.05 * i} for i in range(1, 5)]
     (tmp_path / "record.json").write_text(json.dumps(marked))

@@ -44,41 +44,53 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dt
 
 
 def is_bound(candidate: dict[str, Any]) -> bool:
-    """Whether a candidate's distance is only a lower bound (its scoring was aborted early).
+    """Whether a candidate holds only a lower bound of its distance (its scoring was aborted early).
 
-    Records mark such candidates with ``"bound": true`` (or ``"aborted": true``); records without the field
-    hold exact distances only.
+    The search records such a candidate as ``"distance": null`` with ``"lower_bound"`` (and ``"samples"``, the
+    calibration samples it saw); ``"bound": true`` or ``"aborted": true`` next to a distance mean the same.
+    Records without these fields hold exact distances only.
     """
+    if candidate.get("distance") is None:
+        return candidate.get("lower_bound") is not None
     return bool(candidate.get("bound") or candidate.get("aborted"))
 
 
-def step_points(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per (step, candidate): 1-based step, kind, distance, whether it is a bound, whether it was chosen.
+def candidate_value(candidate: dict[str, Any]) -> float | None:
+    """The candidate's distance, or its lower bound if it was aborted; None if it has neither (random removal)."""
+    distance = candidate.get("distance")
+    return distance if distance is not None else candidate.get("lower_bound")
 
-    Candidates without a distance (random removal) are left out.
-    """
+
+def step_points(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (step, candidate): 1-based step, kind, value (distance or lower bound), whether it is a bound,
+    whether it was chosen. Candidates with neither a distance nor a bound (random removal) are left out."""
     points = []
     for number, step in enumerate(steps, start=1):
         chosen = Unit.from_dict(step["removed"])
         for candidate in step.get("candidates", []):
-            if candidate.get("distance") is None:
+            value = candidate_value(candidate)
+            if value is None:
                 continue
             unit = Unit.from_dict(candidate)
-            points.append({"step": number, "kind": unit.kind, "block": unit.block, "distance": candidate["distance"],
+            points.append({"step": number, "kind": unit.kind, "block": unit.block, "distance": value,
                            "bound": is_bound(candidate), "samples": candidate.get("samples"),
                            "chosen": unit == chosen})
     return points
 
 
+STEP_COLUMNS = ["step", "removed", "distance", "candidates", "lower bounds", "samples scored"]
+
+
 def step_rows(steps: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """The steps table: step, removed unit, its distance, candidates scored, how many of them hold only a bound."""
+    """The steps table (:data:`STEP_COLUMNS`): step, removed unit, its distance, candidates scored, how many of
+    them hold only a lower bound, and the calibration samples scored over all candidates ('–' if not recorded)."""
     rows = []
     for number, step in enumerate(steps, start=1):
         candidates = step.get("candidates", [])
-        distance = step.get("distance")
+        distance, samples = step.get("distance"), step.get("samples_evaluated")
         rows.append([str(number), str(Unit.from_dict(step["removed"])),
                      "–" if distance is None else f"{distance:.6g}", str(len(candidates)),
-                     str(sum(is_bound(c) for c in candidates))])
+                     str(sum(is_bound(c) for c in candidates)), "–" if samples is None else str(samples)])
     return rows
 
 
@@ -236,8 +248,7 @@ def run_sections(record: dict[str, Any], folder: Path | None, *, heading: str = 
     sections.append(image(cost_figure(trajectory), "cost trajectory") if trajectory else
                     '<p class="note">The record holds no cost trajectory (a run with a sub-layer count target).</p>')
     sections.append(f"<h2>{html.escape(prefix)}Steps</h2>")
-    sections.append(table(["step", "removed", "distance", "candidates", "lower bounds"], step_rows(record["steps"]),
-                          text_columns=2, table_id="steps"))
+    sections.append(table(STEP_COLUMNS, step_rows(record["steps"]), text_columns=2, table_id="steps"))
     return sections
 
 
