@@ -69,7 +69,12 @@ def _add_prune_parser(commands) -> None:
     target.add_argument("--ratio", type=float, help="layer pruning ratio r in (0, 1): removes round(r*2L) sub-layers "
                                                     "(round(r*L) blocks); default 0.25")
     target.add_argument("--count", type=int, help="number of units to remove instead of a ratio")
-    search.add_argument("--method", help="finercut (default), shortgpt, deeper_layers, random")
+    search.add_argument("--method", help="finercut (default), shortgpt, deeper_layers, random, shapley (one shot by "
+                                          "lowest Shapley value of the output distance)")
+    search.add_argument("--permutations", dest="shapley_permutations", type=int,
+                        help="shapley: random orders of removal sampled (default 10)")
+    search.add_argument("--truncation", dest="shapley_truncation", type=float,
+                        help="shapley: stop a walk once its distance is within this fraction of removing everything")
     search.add_argument("--metric", help="js (default), angular, euclidean, js_official")
     search.add_argument("--granularity", help="sublayer (default: attention and FFN separately) or block")
     search.add_argument("--only", choices=("attention", "ffn"),
@@ -101,7 +106,7 @@ def _add_prune_parser(commands) -> None:
 RUN_CONFIG_OPTIONS = (
     "model", "revision", "dtype", "device", "device_map", "threads", "ratio", "count", "method", "metric",
     "granularity", "scorer", "window_until_ratio", "window_fraction", "window_first_block", "calibration", "data_dir",
-    "num_samples", "seq_len", "seed", "batch_size", "save_model", "only",
+    "num_samples", "seq_len", "seed", "batch_size", "save_model", "only", "shapley_permutations", "shapley_truncation",
 )
 
 
@@ -380,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "write a Markdown report with table and plots")
     compare.add_argument("--model", help="hub id, folder or .gguf (default SmolLM2-135M-Instruct)")
     compare.add_argument("--methods", default="finercut,finercut_block,shortgpt,deeper_layers",
-                         help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random")
+                         help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random, shapley, "
+                              "shapley_block")
     compare.add_argument("--ratios", default="0,0.1,0.25,0.4", help="comma-separated; 0 is the dense model")
     compare.add_argument("--metric", default="js", help="FinerCut's distance")
     compare.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")

@@ -45,6 +45,8 @@ COMPARE_METHODS: dict[str, dict[str, str]] = {
     "shortgpt": {"method": "shortgpt", "granularity": "block", "label": "ShortGPT"},
     "deeper_layers": {"method": "deeper_layers", "granularity": "block", "label": "DeeperLayers"},
     "random": {"method": "random", "granularity": "sublayer", "label": "Random sub-layers"},
+    "shapley": {"method": "shapley", "granularity": "sublayer", "label": "Shapley (sub-layers)"},
+    "shapley_block": {"method": "shapley", "granularity": "block", "label": "Shapley (blocks)"},
 }
 SELECTED_PER_RATIO = {"deeper_layers"}
 DEFAULT_PROMPTS = (

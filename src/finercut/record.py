@@ -30,9 +30,10 @@ METHOD_GRANULARITIES = {
     "random": ("sublayer", "block"),
     "shortgpt": ("block",),
     "deeper_layers": ("block",),
+    "shapley": ("sublayer", "block"),
 }
 """Pruning methods and the granularities each supports; the first is its default."""
-ONLY_METHODS = ("finercut", "random")
+ONLY_METHODS = ("finercut", "random", "shapley")
 """Methods that can restrict their candidates to one kind of sub-layer (``only``)."""
 SCORER_NAMES = ("fast", "naive")
 
@@ -76,6 +77,10 @@ class RunConfig:
     scorer: str = "fast"
     threads: int | None = None
     save_model: bool = True
+    shapley_permutations: int = 10
+    """method shapley: random orders of removal sampled (see finercut.importance)."""
+    shapley_truncation: float | None = None
+    """method shapley: truncate a walk once its distance is this fraction from removing everything."""
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, tuple(METHOD_GRANULARITIES))
@@ -100,8 +105,10 @@ class RunConfig:
         for name in ("window_until_ratio", "window_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.shapley_truncation is not None and not 0.0 <= self.shapley_truncation < 1.0:
+            raise ConfigError(f"shapley_truncation must be in [0, 1), got {self.shapley_truncation}")
         for name, minimum in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("threads", 1),
-                              ("window_first_block", 0)):
+                              ("window_first_block", 0), ("shapley_permutations", 1)):
             value = getattr(self, name)
             if value is not None and value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, got {value}")

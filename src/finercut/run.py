@@ -20,7 +20,7 @@ from torch import nn
 from finercut import baselines
 from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
-from finercut.candidates import Unit, count_units, window_applies
+from finercut.candidates import Unit, all_units, count_units, window_applies
 from finercut.distances import metric_named
 from finercut.errors import UserError
 from finercut.modelio import (
@@ -93,12 +93,23 @@ def planned_evaluations(*, num_blocks: int, config: RunConfig, done: int, target
 
 def find_steps(
     context: ScoringContext, config: RunConfig, *, num_blocks: int, target: int, completed: Sequence[Step] = (),
-    on_step: Callable[[Step], None] | None = None, progress: bool = False,
+    on_step: Callable[[Step], None] | None = None, progress: bool = False, extras: dict | None = None,
 ) -> list[Step]:
     """Run ``config.method`` on a scoring context: the greedy search for FinerCut, one shot for baselines.
 
     Baselines select everything at once from the original model, so they ignore ``completed`` and ``on_step``.
+    ``extras`` receives what a method adds to the record (Shapley: ``importance``, the values and their errors).
     """
+    if config.method == "shapley":
+        from finercut.importance import shapley_steps
+
+        steps, estimate = shapley_steps(
+            context, all_units(num_blocks, config.granularity, config.only), count=target,
+            permutations=config.shapley_permutations, seed=config.seed, truncation=config.shapley_truncation,
+        )
+        if extras is not None:
+            extras["importance"] = estimate.to_dict()
+        return steps
     if config.method == "shortgpt":
         return baselines.shortgpt_steps(context, count=target)
     if config.method == "deeper_layers":
@@ -145,7 +156,7 @@ def prune(
     calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None, num_samples: int = 10,
     seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast",
     window_until_ratio: float = 0.4, window_fraction: float = 0.4, window_first_block: int | None = None,
-    progress: bool = True,
+    progress: bool = True, shapley_permutations: int = 10, shapley_truncation: float | None = None,
 ) -> PruneResult:
     """Find which sub-layers of an in-memory model to remove; the model is left unchanged.
 
@@ -171,6 +182,7 @@ def prune(
         window_first_block=window_first_block, calibration=calibration,
         data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
         batch_size=batch_size, scorer=scorer, threads=torch.get_num_threads(), save_model=False,
+        shapley_permutations=shapley_permutations, shapley_truncation=shapley_truncation,
     )
     adapter = adapter_for(model)
     num_blocks = adapter.num_blocks(model)
@@ -190,12 +202,14 @@ def prune(
                             **samples_info(input_ids, seed=None)}
     was_training = model.training
     model.eval()  # dropout would make every score random
+    extras: dict = {}
     started = time.perf_counter()
     try:
         context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=batch_size)
         reference_seconds = time.perf_counter() - started
         try:
-            steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress)
+            steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress,
+                               extras=extras)
         finally:
             context.close()
     finally:
@@ -206,7 +220,7 @@ def prune(
         num_blocks=num_blocks, target=target, window_first_block=window_first,
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds},
-        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps])},
+        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]), **extras},
     )
     return PruneResult(steps=steps, record=record)
 
@@ -386,6 +400,7 @@ def run_in_folder(
         steps_so_far.append(step)
         write_progress(steps_so_far)
 
+    extras: dict = {}
     started = time.perf_counter()
     reference_seconds = 0.0
     if len(completed) == target:  # the search finished earlier; only its outputs are missing
@@ -396,7 +411,7 @@ def run_in_folder(
         reference_seconds = time.perf_counter() - started
         try:
             steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=completed,
-                               on_step=save_progress, progress=progress)
+                               on_step=save_progress, progress=progress, extras=extras)
         finally:
             context.close()
         if one_shot:
@@ -409,7 +424,7 @@ def run_in_folder(
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds,
                  "resumed_steps": len(completed)},
-        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps])},
+        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]), **extras},
     )
     write_json_atomic(output_dir / RECORD_FILE, record)
     plot_layer_map([s.unit for s in steps], num_blocks, output_dir / LAYER_MAP_FILE,
