@@ -246,3 +246,22 @@ def test_page_renders_in_headless_chromium_with_its_table(run_dir, tmp_path):
     dom = headless(binary, "--dump-dom", out.as_uri()).stdout
     assert '<table id="results">' in dom and "FinerCut" in dom and "31.50" in dom
     assert dom.count("<img") == 4
+
+
+def test_compare_page_table_equals_the_markdown_report_of_a_real_compare_run(tmp_path, tiny_model_dir, word_text,
+                                                                             data_dir, one_thread):
+    """The page finds the variants and results `finercut compare` wrote, as its own Markdown table shows them."""
+    from finercut.compare import CompareConfig, run_compare
+
+    config = CompareConfig(
+        model=str(tiny_model_dir), methods=("finercut", "deeper_layers"), ratios=(0.0, 0.25), data_dir=str(data_dir),
+        calibration=str(word_text), num_samples=3, seq_len=12, threads=1, tasks=("arc_easy",), limit=2,
+        mmlu_limit_per_subject=None, ppl_window=32, ppl_max_windows=1, lm_eval_wikitext_docs=1, eval_batch_size=2,
+        stats_context=16, prompts=("w1 w2",))
+    markdown = run_compare(config, tmp_path / "compare", report=tmp_path / "results.md", log=lambda m: None,
+                           progress=False).read_text().splitlines()
+    header = next(i for i, line in enumerate(markdown) if line.startswith("| method |"))
+    expected = [[cell.split(" ± ")[0].strip() for cell in line.strip("|").split("|")]
+                for line in markdown[header + 2: markdown.index("", header)]]
+    page = parse(write_report(tmp_path / "compare", tmp_path / "compare.html"))
+    assert page.tables["results"][1:] == expected and len(expected) == 3
