@@ -95,6 +95,7 @@ def test_decilm_export_reloads_to_the_pruned_models_logits(tmp_path, one_thread,
     overrides = {"sliding_window": None} if arch == "mistral" else {}
     folder, pruned = pruned_folder(tmp_path, MIXED, arch=arch, **overrides)
     out, notes = export_model(folder, format="decilm", output=tmp_path / "deci")
+    assert "blocks [2]" in notes[1]  # kept attention, lost FFN: llama.cpp's converter would lose the attention
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DeciLMForCausalLM"] and config["model_type"] == "nemotron-nas"
     assert config["num_hidden_layers"] == 3 and "finercut" not in config

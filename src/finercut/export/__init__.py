@@ -31,10 +31,14 @@ def export_model(path: str | Path, *, format: str, output: str | Path, overwrite
 
         if outtype != "f32":
             raise ExportError("--outtype applies to --format gguf; a DeciLM folder keeps the pruned model's dtype")
-        return write_decilm(source, output, overwrite=overwrite), [
-            "vLLM: serve with --trust-remote-code (it reads block_configs through the configuration_decilm.py "
-            "written next to the weights; no modeling code is shipped)",
-        ]
+        notes = ["vLLM: serve with --trust-remote-code (it reads block_configs through the configuration_decilm.py "
+                 "written next to the weights; no modeling code is shipped)"]
+        attention_only = [b.index for b in source.blocks if b.attention and not b.ffn]
+        if attention_only:
+            notes.append(f"llama.cpp: use `finercut export --format gguf` rather than convert_hf_to_gguf.py, which "
+                         f"writes FFN width 0 for blocks {attention_only}; llama.cpp's deci graph skips such a layer "
+                         "whole, its attention included")
+        return write_decilm(source, output, overwrite=overwrite), notes
     from finercut.export.gguf import write_gguf
 
     return write_gguf(source, output, outtype=outtype, overwrite=overwrite)
