@@ -157,6 +157,8 @@ def test_decilm_reference_refuses_weights_that_do_not_fit(tmp_path):
 ])
 def test_decilm_refusals_say_why_and_write_nothing(tmp_path, arch, overrides, removed, message):
     folder, _ = pruned_folder(tmp_path, removed, arch=arch, dtype=torch.float32, **overrides)
+    for weights in folder.glob("*.safetensors"):  # refused from config.json alone, before reading any weights
+        weights.unlink()
     with pytest.raises(ExportError, match=message):
         export_model(folder, format="decilm", output=tmp_path / "deci")
     assert not (tmp_path / "deci").exists()
@@ -260,6 +262,8 @@ def test_gguf_f16_halves_the_matrices_and_keeps_norms_float32(tmp_path):
 
 def test_gguf_refuses_a_first_block_without_attention(tmp_path):
     folder, _ = pruned_folder(tmp_path, [{"block": 0, "kind": "attention"}], dtype=torch.float32)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
     with pytest.raises(ExportError, match="head size from layer 0"):
         export_model(folder, format="gguf", output=tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
@@ -281,3 +285,19 @@ def test_cli_exports_a_run_folder_and_refuses_in_one_line(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "gguf", "--output", str(tmp_path / "m.gguf")]) == 0
     assert (tmp_path / "m.gguf").is_file()
+
+
+def test_a_model_with_recovery_replacements_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finercut.recovery import recover
+
+    config = tiny_configs()["llama"]
+    config.intermediate_size = 256
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    recover(model, [{"block": 2, "kind": "attention"}], method="bias", input_ids=tiny_input_ids())
+    finercut.save_pruned(model, tmp_path / "pruned")
+    for format in ("decilm", "gguf"):
+        with pytest.raises(ExportError, match="fitted maps"):
+            export_model(tmp_path / "pruned", format=format, output=tmp_path / f"out-{format}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finercut.export.source import ExportError, load_source
+from finercut.export.source import ExportError, check_llama_family, kept_block_list, load_source, pruned_model_folder
 
 FORMATS = ("decilm", "gguf")
 
@@ -25,6 +25,7 @@ def export_model(path: str | Path, *, format: str, output: str | Path, overwrite
     output = Path(output).expanduser()
     if output.exists() and not overwrite and (output.is_file() or any(output.iterdir())):
         raise ExportError(f"{output} exists; choose another path or pass --overwrite")
+    preflight(path, format)
     source = load_source(path)
     if format == "decilm":
         from finercut.export.decilm import write_decilm
@@ -44,4 +45,20 @@ def export_model(path: str | Path, *, format: str, output: str | Path, overwrite
     return write_gguf(source, output, outtype=outtype, overwrite=overwrite)
 
 
-__all__ = ["ExportError", "FORMATS", "export_model"]
+def preflight(path: str | Path, format: str) -> None:
+    """Refuse, from the pruned folder's config.json alone (before reading any weights), what ``format`` cannot hold."""
+    from finercut.checkpoint import read_pruned_config
+    from finercut.pruned_modeling import LAYOUT_KEY
+
+    config = read_pruned_config(pruned_model_folder(path))
+    blocks = kept_block_list(getattr(config, LAYOUT_KEY))
+    check_llama_family(config, blocks, format)
+    if format == "decilm":
+        from finercut.checkpoint import dense_config
+        from finercut.export.decilm import ffn_mult_for
+
+        dense = dense_config(config)
+        ffn_mult_for(dense.intermediate_size, dense.hidden_size)
+
+
+__all__ = ["ExportError", "FORMATS", "export_model", "preflight"]

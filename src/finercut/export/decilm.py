@@ -99,7 +99,7 @@ def decilm_config(source: PrunedSource) -> dict[str, Any]:
     """The exported config.json: the dense model's settings, one block config per remaining block."""
     from finercut.checkpoint import dense_config
 
-    check_llama_family(source, "decilm")
+    check_llama_family(source.model.config, source.blocks, "decilm")
     dense = dense_config(source.model.config)
     heads, kv_heads = dense.num_attention_heads, dense.num_key_value_heads or dense.num_attention_heads
     if heads % kv_heads:

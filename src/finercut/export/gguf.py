@@ -140,7 +140,7 @@ def write_gguf(source: PrunedSource, output: str | Path, *, outtype: str = "f32"
     """
     import gguf
 
-    check_llama_family(source, "gguf")
+    check_llama_family(source.model.config, source.blocks, "gguf")
     check_plain_weights(source, "gguf")
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype!r}: choose from {', '.join(OUTTYPES)} (quantize further with "

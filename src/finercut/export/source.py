@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -107,14 +107,17 @@ def load_source(path: str | Path) -> PrunedSource:
                         blocks=kept_block_list(layout), source_model=dict(provenance.get("source_model") or {}))
 
 
-def check_llama_family(source: PrunedSource, format_name: str) -> None:
-    """Refuse what neither DeciLM loader (vLLM, llama.cpp) can run, before writing anything.
+def check_llama_family(config: Any, blocks: Sequence[KeptBlock], format_name: str) -> None:
+    """Refuse what neither DeciLM loader (vLLM, llama.cpp) can run, from the pruned config alone.
 
     Both build every block from Llama's parts with one head size ``hidden_size / num_attention_heads`` and a
     gated SiLU MLP, and neither has sliding-window attention in this architecture.
     """
-    config = source.model.config
-    base = source.base_model_type
+    layout = getattr(config, LAYOUT_KEY)
+    base = layout["base_model_type"]
+    if layout.get("replacements"):
+        raise ExportError(f"--format {format_name}: the model replaces removed sub-layers by fitted maps (recovery); "
+                          "the DeciLM and GGUF layouts have no place for them. Export the model without recovery")
     if base not in LLAMA_FAMILY:
         raise ExportError(f"--format {format_name} writes Llama-family models ({', '.join(LLAMA_FAMILY)}); this model "
                           f"is {base!r}, whose blocks the DeciLM layout cannot express")
@@ -129,9 +132,9 @@ def check_llama_family(source: PrunedSource, format_name: str) -> None:
     if _sliding_window(config) is not None:
         raise ExportError(f"--format {format_name}: the model uses sliding-window attention (window "
                           f"{_sliding_window(config)}); neither vLLM's nor llama.cpp's DeciLM code applies a window")
-    if not source.blocks[0].attention:
+    if not blocks[0].attention:
         raise ExportError(
-            f"--format {format_name}: the first remaining block (dense block {source.blocks[0].dense_index}) has no "
+            f"--format {format_name}: the first remaining block (dense block {blocks[0].dense_index}) has no "
             "attention. llama.cpp takes the head size from layer 0's head count (0 here) and vLLM's "
             "DeciLMDecoderLayer needs a residual from an earlier attention in the first layer; both would fail. "
             "Export a prefix of the run that keeps it (`finercut apply RUN --count N`)."
@@ -161,11 +164,8 @@ def expected_weight_names(source: PrunedSource) -> set[str]:
 
 
 def check_plain_weights(source: PrunedSource, format_name: str) -> None:
-    """Refuse weights outside the Llama block layout, such as fitted replacements of removed sub-layers, which
-    neither format can express (they would be dropped silently otherwise)."""
-    if source.layout.get("replacements"):
-        raise ExportError(f"--format {format_name}: the model replaces removed sub-layers by fitted maps (recovery); "
-                          "the DeciLM and GGUF layouts have no place for them. Export the model without recovery")
+    """Refuse weights outside the Llama block layout, which neither format can express (they would be dropped
+    silently otherwise)."""
     unexpected = sorted(set(source.model.state_dict()) - expected_weight_names(source))
     if unexpected:
         raise ExportError(f"--format {format_name}: weights with no place in the Llama block layout: "
