@@ -70,7 +70,8 @@ def _add_prune_parser(commands) -> None:
                                                     "(round(r*L) blocks); default 0.25")
     target.add_argument("--count", type=int, help="number of units to remove instead of a ratio")
     search.add_argument("--method", help="finercut (default), shortgpt, deeper_layers, random, shapley (one shot by "
-                                          "lowest Shapley value of the output distance)")
+                                          "lowest Shapley value of the output distance), blockpruner (greedy by "
+                                          "calibration perplexity)")
     search.add_argument("--permutations", dest="shapley_permutations", type=int,
                         help="shapley: random orders of removal sampled (default 10)")
     search.add_argument("--truncation", dest="shapley_truncation", type=float,
@@ -386,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", help="hub id, folder or .gguf (default SmolLM2-135M-Instruct)")
     compare.add_argument("--methods", default="finercut,finercut_block,shortgpt,deeper_layers",
                          help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random, shapley, "
-                              "shapley_block")
+                              "shapley_block, blockpruner")
     compare.add_argument("--ratios", default="0,0.1,0.25,0.4", help="comma-separated; 0 is the dense model")
     compare.add_argument("--metric", default="js", help="FinerCut's distance")
     compare.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")

@@ -47,6 +47,7 @@ COMPARE_METHODS: dict[str, dict[str, str]] = {
     "random": {"method": "random", "granularity": "sublayer", "label": "Random sub-layers"},
     "shapley": {"method": "shapley", "granularity": "sublayer", "label": "Shapley (sub-layers)"},
     "shapley_block": {"method": "shapley", "granularity": "block", "label": "Shapley (blocks)"},
+    "blockpruner": {"method": "blockpruner", "granularity": "sublayer", "label": "BlockPruner"},
 }
 SELECTED_PER_RATIO = {"deeper_layers"}
 DEFAULT_PROMPTS = (

@@ -31,9 +31,10 @@ METHOD_GRANULARITIES = {
     "shortgpt": ("block",),
     "deeper_layers": ("block",),
     "shapley": ("sublayer", "block"),
+    "blockpruner": ("sublayer", "block"),
 }
 """Pruning methods and the granularities each supports; the first is its default."""
-ONLY_METHODS = ("finercut", "random", "shapley")
+ONLY_METHODS = ("finercut", "random", "shapley", "blockpruner")
 """Methods that can restrict their candidates to one kind of sub-layer (``only``)."""
 SCORER_NAMES = ("fast", "naive")
 

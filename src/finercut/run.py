@@ -117,7 +117,15 @@ def find_steps(
     if config.method == "random":
         return baselines.random_steps(num_blocks, granularity=config.granularity, count=target, seed=config.seed,
                                       only=config.only)
-    scorer = SCORERS[config.scorer](context)
+    if config.method == "blockpruner":  # perplexity as the score, over every block (no window)
+        from finercut.baselines.blockpruner import PerplexityScorer
+
+        scorer, window_first_block = PerplexityScorer(context), 0
+    else:
+        scorer = SCORERS[config.scorer](context, exhaustive=config.exhaustive)
+        window_first_block = config.first_candidate_block(num_blocks)
+        if extras is not None:
+            extras["scoring"] = describe_scoring(context, scorer=config.scorer, exhaustive=config.exhaustive)
     bar = _progress_bar(num_blocks=num_blocks, config=config, done=len(completed), target=target, enabled=progress)
     state = {"step": len(completed)}
 
@@ -135,7 +143,7 @@ def find_steps(
     try:
         return greedy_search(
             scorer, num_blocks=num_blocks, granularity=config.granularity, target=target,
-            window_until_ratio=config.window_until_ratio, window_first_block=config.first_candidate_block(num_blocks),
+            window_until_ratio=config.window_until_ratio, window_first_block=window_first_block,
             completed=completed, on_step=after_step, on_candidate=on_candidate, only=config.only,
         )
     finally:
