@@ -305,3 +305,12 @@ def test_cli_refuses_a_rank_without_lowrank_before_any_work(capsys, tmp_path, ti
                  "--output", str(tmp_path / "run"), "--recover", "bias", "--rank", "4"]) == 2
     assert "only to recovery method lowrank" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_skip_first_leaves_the_first_positions_of_every_window_out_of_the_fit():
+    ids = tiny_input_ids(samples=4)
+    model = dense()
+    outputs = captured_sublayer_outputs(model, "model.layers.0.mlp", ids).reshape(4, -1, HIDDEN)
+    _, result = recover(model, [Unit(0, FFN)], method="bias", input_ids=ids, skip_first=2)
+    torch.testing.assert_close(result.replacements[0].tensors["bias"].double(),
+                               outputs[:, 2:].double().reshape(-1, HIDDEN).mean(0), atol=1e-6, rtol=0)

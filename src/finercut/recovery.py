@@ -241,7 +241,7 @@ def _module_tensors(tensors: dict[str, torch.Tensor], like: torch.Tensor) -> dic
 @torch.inference_mode()
 def fit_replacements(
     model: nn.Module, adapter: ArchitectureAdapter, groups: Sequence[Sequence[Unit]], batches: Sequence[Any], *,
-    method: str, rank: int | None = None, ridge: float = 0.0, target: str = "sublayer",
+    method: str, rank: int | None = None, ridge: float = 0.0, target: str = "sublayer", skip_first: int = 0,
 ) -> tuple[list[Replacement], list[dict]]:
     """Fit one replacement per group, in model order, on the pruned model's own activations.
 
@@ -252,6 +252,9 @@ def fit_replacements(
         target: ``sublayer``: ``y`` is what the removed sub-layers add to the pruned model's stream ``x``;
             ``dense``: ``y`` is the dense model's stream after the group minus ``x`` (so a replacement also
             corrects the drift the earlier removals left, as ReplaceMe does).
+        skip_first: leave the first positions of every window out of the fit (the replacement still runs there):
+            a window's first token is an attention sink whose sub-layer outputs can be orders of magnitude
+            larger than elsewhere, and would dominate a mean or a least-squares fit.
 
     Returns:
         The replacements, and per replacement the mean squared norm of its target and of the fit's error.
@@ -287,16 +290,16 @@ def fit_replacements(
             if dense_states is not None:
                 dense_states[b] = out
             targets.append(out - h)
-            sums.add(h, targets[-1], with_products=method != "bias")
+            sums.add(h[:, skip_first:], targets[-1][:, skip_first:], with_products=method != "bias")
         tensors = _module_tensors(fit_map(sums, method, rank=rank, ridge=ridge), like)
         module = replacement_module(unit.kind, hidden_size, method, rank).to(device=like.device, dtype=like.dtype)
         module.load_state_dict(tensors)
         outputs = [module(h)[0] if unit.kind == ATTENTION else module(h) for h in states]
         errors.append({
             "covers": [str(u) for u in covered],
-            "target_mean_square": float(sum((t.double() ** 2).sum() for t in targets) / sums.count),
-            "error_mean_square": float(sum(((t - o).double() ** 2).sum() for t, o in zip(targets, outputs))
-                                       / sums.count),
+            "target_mean_square": float(sum((t[:, skip_first:].double() ** 2).sum() for t in targets) / sums.count),
+            "error_mean_square": float(sum(((t - o)[:, skip_first:].double() ** 2).sum()
+                                           for t, o in zip(targets, outputs)) / sums.count),
         })
         states = [h + o for h, o in zip(states, outputs)]
         entry = {"block": unit.block, "kind": unit.kind, "map": method, "rank": rank if method == "lowrank" else None,
@@ -338,8 +341,8 @@ def recovery_samples(
 
 def recover(
     model: nn.Module, removed: Iterable[Unit | dict[str, Any]], *, method: str = "bias", rank: int | None = None,
-    ridge: float = 0.0, group: str = "sublayer", target: str = "sublayer", tokenizer: Any = None,
-    input_ids: torch.Tensor | None = None,
+    ridge: float = 0.0, group: str = "sublayer", target: str = "sublayer", skip_first: int = 0,
+    tokenizer: Any = None, input_ids: torch.Tensor | None = None,
     calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None,
     num_samples: int = DEFAULT_NUM_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
     batch_size: int | None = None, num_blocks: int | None = None,
@@ -355,6 +358,7 @@ def recover(
             consecutive removed sub-layers, placed in the run's first slot).
         target: what a replacement predicts: ``sublayer`` (the removed sub-layers' own output on the pruned
             model's stream) or ``dense`` (the dense model's stream after them); see :func:`fit_replacements`.
+        skip_first: positions at the start of every calibration window left out of the fit.
         tokenizer, calibration, data_dir, num_samples, seq_len, seed: calibration windows as for
             :func:`finercut.prune` (default WikiText-2 validation, kept apart from the test text), unless
             ``input_ids`` ``[samples, seq]`` are given.
@@ -390,7 +394,7 @@ def recover(
         capture_calibration, _ = _calibration_tools()
         batches = capture_calibration(model, adapter, input_ids, batch_size=batch_size or input_ids.shape[0])
         replacements, errors = fit_replacements(model, adapter, groups, batches, method=method, rank=rank,
-                                                ridge=ridge, target=target)
+                                                ridge=ridge, target=target, skip_first=skip_first)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - started
