@@ -26,7 +26,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", help="hub revision (branch, tag or commit)")
     group.add_argument("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16, float64")
     group.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
-    group.add_argument("--device-map", help="passed to from_pretrained (e.g. auto) to spread a large model over GPUs")
+    group.add_argument("--device-map", help="auto, balanced, balanced_low_0, sequential, or a JSON file mapping module "
+                                            "names to devices (0, cuda:1, cpu, disk): spread a model over devices "
+                                            "with accelerate; under torchrun each rank uses its share of the GPUs")
     group.add_argument("--threads", type=int, help="CPU threads (default: all); recorded and fixed for the run")
 
 
@@ -128,6 +130,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from finercut.distributed import RankFailedError
     from finercut.run import run_in_folder
 
     config = run_config_from_args(args)
@@ -144,6 +147,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
         return 130
+    except RankFailedError as error:  # raised on every rank of a torchrun job, with the failing rank's error
+        print(f"finercut prune: error: {error}\nfinished steps are kept in {Path(args.output) / 'progress.json'}; "
+              f"run the same command again (with any number of ranks) to resume", file=sys.stderr)
+        return 1
+    if not result.writer:
+        return 0  # rank 0 of the job saves the recovered model and prints the summary
     if recovery:
         from finercut.recovery import recover_record
 

@@ -22,6 +22,7 @@ from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
 from finercut.candidates import Unit, all_units, count_units, window_applies
 from finercut.distances import metric_named
+from finercut.distributed import DistributedScorer, init_world
 from finercut.errors import UserError
 from finercut.modelio import (
     identity_differences,
@@ -74,6 +75,8 @@ class PruneResult:
     tokenizer: Any = None
     resumed_steps: int = 0
     notes: list[str] = field(default_factory=list)
+    writer: bool = True
+    """False on the ranks other than 0 of a torchrun job, which write nothing and leave the summary to rank 0."""
 
     @property
     def removed(self) -> list[Unit]:
@@ -142,7 +145,7 @@ def find_steps(
 
     try:
         return greedy_search(
-            scorer, num_blocks=num_blocks, granularity=config.granularity, target=target,
+            DistributedScorer.wrap(scorer), num_blocks=num_blocks, granularity=config.granularity, target=target,
             window_until_ratio=config.window_until_ratio, window_first_block=window_first_block,
             completed=completed, on_step=after_step, on_candidate=on_candidate, only=config.only,
         )
@@ -331,6 +334,9 @@ def run_in_folder(
     Raises before writing anything if any setting, file or the folder is unusable.
     """
     output_dir = Path(output_dir).expanduser().resolve()
+    world = init_world()  # under torchrun: this rank's place in the job; rank 0 alone writes and logs
+    if not world.is_writer:
+        log, progress = _silent, False
     state = inspect_output(output_dir, parse=not overwrite)
     if overwrite:
         state = FolderState()  # the old files are deleted once the new run has passed validation
@@ -371,7 +377,7 @@ def run_in_folder(
 
     # Cheap checks passed; load the tokenizer and draw the calibration samples (may still fail: too short).
     torch.set_num_threads(config.threads)
-    tokenizer = load_tokenizer(source)
+    tokenizer = world.local_first(lambda: load_tokenizer(source))  # a GGUF is converted once per node
     input_ids, calibration_info = calibration_samples(
         tokenizer, calibration_source, num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed
     )
@@ -383,10 +389,12 @@ def run_in_folder(
     model, model_info = load_model(source, dtype=config.dtype, device=config.device, device_map=config.device_map)
     model_info["identity"] = identity
 
-    if overwrite:
-        discard_run_files(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
+    world.barrier()  # every rank has read the folder and passed validation before rank 0 changes it
+    if world.is_writer:
+        if overwrite:
+            discard_run_files(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
     log(f"finercut: {config.method} on {model_info['id']} ({adapter.name}, {num_blocks} blocks), removing "
         f"{target} {'blocks' if config.granularity == 'block' else 'sub-layers'}; output in {output_dir}")
     # Baselines select everything at once from the original model: nothing of an earlier run carries over.
@@ -396,6 +404,8 @@ def run_in_folder(
         log(f"resuming after {len(completed)} finished steps")
 
     def write_progress(steps: Sequence[Step]) -> None:
+        if not world.is_writer:
+            return
         write_json_atomic(output_dir / PROGRESS_FILE, {
             "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
             "model_identity": identity,
@@ -420,6 +430,8 @@ def run_in_folder(
         try:
             steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=completed,
                                on_step=save_progress, progress=progress, extras=extras)
+            extras["distributed"] = {**world.describe(),
+                                     "block_executions_by_rank": world.all_gather(context.block_executions)}
         finally:
             context.close()
         if one_shot:
@@ -432,8 +444,13 @@ def run_in_folder(
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds,
                  "resumed_steps": len(completed)},
-        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]), **extras},
+        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]),
+               "distributed": world.describe(), **extras},
     )
+    if not world.is_writer:
+        world.barrier()  # until rank 0 has written the outputs
+        return PruneResult(steps=steps, record=record, output_dir=output_dir, resumed_steps=len(completed),
+                           writer=False)
     write_json_atomic(output_dir / RECORD_FILE, record)
     plot_layer_map([s.unit for s in steps], num_blocks, output_dir / LAYER_MAP_FILE,
                    title=layer_map_title(record))
@@ -441,7 +458,12 @@ def run_in_folder(
                          resumed_steps=len(completed))
     if config.save_model:
         result.notes.append(save_pruned_model(result, num_blocks=num_blocks).format())
+    world.barrier()
     return result
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0: one rank speaks for the job."""
 
 
 def check_same_model(state: FolderState, identity: dict, output_dir: Path, log: Log) -> None:
