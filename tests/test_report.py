@@ -147,11 +147,12 @@ def test_run_page_shows_aborted_candidates_as_bounds_and_a_cost_trajectory(run_d
     record = json.loads((run_dir / "record.json").read_text())
     marked = copy.deepcopy(record)
     marks = []
-    for step in marked["steps"]:  # the first two candidates that were not removed were cut short
-        others = [c for c in step["candidates"] if Unit.from_dict(c) != Unit.from_dict(step["removed"])][:2]
+    for step in marked["steps"]:  # the first two scored candidates that were not removed were cut short
+        others = [c for c in step["candidates"] if Unit.from_dict(c) != Unit.from_dict(step["removed"])
+                  and c["distance"] is not None][:2]
         for candidate in others:  # as the search records an aborted candidate
             candidate.update(distance=None, lower_bound=candidate["distance"] / 2, samples=1)
-        marks.append(len(others))
+        marks.append(sum(c["distance"] is None and c.get("lower_bound") is not None for c in step["candidates"]))
     marked["cost_trajectory"] = [{"params": 1 - 0.1 * i, "kv_cache": 1 - 0.05 * i} for i in range(1, 5)]
     (tmp_path / "record.json").write_text(json.dumps(marked))
     out = write_report(tmp_path / "record.json", tmp_path / "bounds.html")
