@@ -141,6 +141,10 @@ def test_run_page_is_self_contained_with_layer_map_distances_and_steps(run_dir, 
     assert len(steps) == 1 + 4
     assert steps[1][1] == str(Unit.from_dict(record["steps"][0]["removed"]))
     assert "no cost trajectory" in out.read_text()
+    # the search's own count of aborted candidates (0 in records written before it aborted any)
+    aborted = [step.get("aborted", 0) for step in record["steps"]]
+    assert [row[4] for row in steps[1:]] == [str(n) for n in aborted]
+    assert f"{sum(aborted)} candidate scores are lower bounds" in out.read_text()
 
 
 def test_run_page_shows_aborted_candidates_as_bounds_and_a_cost_trajectory(run_dir, tmp_path):
