@@ -141,11 +141,17 @@ def init_world() -> World:
         raise ConfigError("this torch build has no torch.distributed; run one process, or install a torch that has it")
     backend = choose_backend(torch.cuda.is_available())
     if backend == "nccl":
-        # "cuda" then means this rank's GPU, for the model and for the collectives' buffers.
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        # "cuda" then means this rank's (first) GPU, for the model and for the collectives' buffers.
+        torch.cuda.set_device(first_gpu(world, torch.cuda.device_count()))
     dist.init_process_group(backend, timeout=timeout_from_env())
     atexit.register(_leave)
     return current_world()
+
+
+def first_gpu(world: World, gpu_count: int) -> int:
+    """This rank's GPU, or the first of its share when the ranks of a node split its GPUs (``--device-map``)."""
+    per_rank = max(1, gpu_count // world.local_size)
+    return (world.local_rank * per_rank) % gpu_count
 
 
 def _leave() -> None:
@@ -206,9 +212,9 @@ class DistributedScorer:
     scored completely on whichever rank holds it (nothing on that rank is below it), and the least complete
     pair over all ranks is ``w``: the unit the one-process search selects, whose every abort is likewise
     justified by a complete candidate. A rank aborts against the best of its share only, a weaker best than
-    one process has, so it may score more than one process would, never inexactly. The complete distances themselves are the
-    same numbers as in one process: a candidate's replay starts from the same cached block inputs, and its
-    per-sample sums are added with ``math.fsum``, so neither the order nor the rank changes them.
+    one process has, so it may score more than one process would, never inexactly. The complete distances
+    themselves are the same numbers as in one process: a candidate's replay starts from the same cached block
+    inputs, and its per-sample sums are added with ``math.fsum``, so neither the order nor the rank changes them.
 
     **Failures.** Every rank all-gathers either its results or an error marker, so a rank whose scoring raises
     makes every rank raise :class:`RankFailedError` at the same collective: the whole job stops with one clear

@@ -230,8 +230,11 @@ def load_model(source: ModelSource, *, dtype: str, device: str, device_map: str 
     """
     from transformers import AutoModelForCausalLM
 
+    from finercut.distributed import current_world
+    from finercut.placement import placement_options
+
     location = pretrained_location(source)
-    placement = {"device_map": device_map} if device_map else {}
+    placement = placement_options(device_map, current_world())  # under torchrun: this rank's share of GPUs
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location, revision=source.revision, dtype=DTYPES[dtype], **placement

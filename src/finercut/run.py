@@ -35,6 +35,7 @@ from finercut.modelio import (
     resolve_model_source,
 )
 from finercut.evaluation.stats import kv_cache_summary
+from finercut.placement import resolve_device_map
 from finercut.plots import plot_layer_map
 from finercut.record import (
     PROGRESS_FORMAT,
@@ -321,6 +322,7 @@ def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
     threads = config.threads or (saved.threads if saved else None) or torch.get_num_threads()
     return config.replace(
         model=model, device=device, dtype=dtype, data_dir=str(data_dir) if data_dir else None,
+        device_map=resolve_device_map(config.device_map),
         calibration=calibration, threads=threads, batch_size=config.batch_size or config.num_samples,
     )
 
