@@ -301,3 +301,13 @@ def test_a_model_with_recovery_replacements_is_refused(tmp_path):
     for format in ("decilm", "gguf"):
         with pytest.raises(ExportError, match="fitted maps"):
             export_model(tmp_path / "pruned", format=format, output=tmp_path / f"out-{format}")
+
+
+def test_settings_are_refused_before_the_model_is_loaded(tmp_path):
+    folder, _ = pruned_folder(tmp_path, MIXED, dtype=torch.float32)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ExportError, match="applies to --format gguf"):
+        export_model(folder, format="decilm", output=tmp_path / "deci", outtype="f16")
+    with pytest.raises(ExportError, match="choose from f32, f16"):
+        export_model(folder, format="gguf", output=tmp_path / "m.gguf", outtype="q4_0")

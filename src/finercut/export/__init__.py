@@ -25,13 +25,11 @@ def export_model(path: str | Path, *, format: str, output: str | Path, overwrite
     output = Path(output).expanduser()
     if output.exists() and not overwrite and (output.is_file() or any(output.iterdir())):
         raise ExportError(f"{output} exists; choose another path or pass --overwrite")
-    preflight(path, format)
+    preflight(path, format, outtype=outtype)
     source = load_source(path)
     if format == "decilm":
         from finercut.export.decilm import write_decilm
 
-        if outtype != "f32":
-            raise ExportError("--outtype applies to --format gguf; a DeciLM folder keeps the pruned model's dtype")
         notes = ["vLLM: serve with --trust-remote-code (it reads block_configs through the configuration_decilm.py "
                  "written next to the weights; no modeling code is shipped)"]
         attention_only = [b.index for b in source.blocks if b.attention and not b.ffn]
@@ -45,7 +43,7 @@ def export_model(path: str | Path, *, format: str, output: str | Path, overwrite
     return write_gguf(source, output, outtype=outtype, overwrite=overwrite)
 
 
-def preflight(path: str | Path, format: str) -> None:
+def preflight(path: str | Path, format: str, *, outtype: str = "f32") -> None:
     """Refuse, from the pruned folder's config.json alone (before reading any weights), what ``format`` cannot hold."""
     from finercut.checkpoint import read_pruned_config
     from finercut.pruned_modeling import LAYOUT_KEY
@@ -57,8 +55,14 @@ def preflight(path: str | Path, format: str) -> None:
         from finercut.checkpoint import dense_config
         from finercut.export.decilm import ffn_mult_for
 
+        if outtype != "f32":
+            raise ExportError("--outtype applies to --format gguf; a DeciLM folder keeps the pruned model's dtype")
         dense = dense_config(config)
         ffn_mult_for(dense.intermediate_size, dense.hidden_size)
+    else:
+        from finercut.export.gguf import check_gguf_settings
+
+        check_gguf_settings(config, outtype)
 
 
 __all__ = ["ExportError", "FORMATS", "export_model", "preflight"]

@@ -131,6 +131,17 @@ def gguf_tensors(source: PrunedSource, arch: str) -> tuple[dict[str, torch.Tenso
     return tensors, ffn_widths, head_counts, kv_counts
 
 
+def check_gguf_settings(config: Any, outtype: str) -> None:
+    """Refuse a tensor type or a rope scaling this writer does not produce."""
+    if outtype not in OUTTYPES:
+        raise ExportError(f"--outtype {outtype!r}: choose from {', '.join(OUTTYPES)} (quantize further with "
+                          "llama.cpp's llama-quantize)")
+    rope_type = _rope(config)["rope_type"]
+    if rope_type not in ("default", "llama3", "linear"):
+        raise ExportError(f"--format gguf: rope type {rope_type!r} is not written by this exporter "
+                          "(default, linear and llama3 are)")
+
+
 def write_gguf(source: PrunedSource, output: str | Path, *, outtype: str = "f32",
                overwrite: bool = False) -> tuple[Path, list[str]]:
     """Write ``source`` as one GGUF file (``output``; a folder gets ``model.gguf`` inside it).
@@ -141,14 +152,9 @@ def write_gguf(source: PrunedSource, output: str | Path, *, outtype: str = "f32"
     import gguf
 
     check_llama_family(source.model.config, source.blocks, "gguf")
+    check_gguf_settings(source.model.config, outtype)
     check_plain_weights(source, "gguf")
-    if outtype not in OUTTYPES:
-        raise ExportError(f"--outtype {outtype!r}: choose from {', '.join(OUTTYPES)} (quantize further with "
-                          "llama.cpp's llama-quantize)")
     rope = _rope(source.model.config)
-    if rope["rope_type"] not in ("default", "llama3", "linear"):
-        raise ExportError(f"--format gguf: rope type {rope['rope_type']!r} is not written by this exporter "
-                          "(default, linear and llama3 are)")
     output = Path(output).expanduser()
     path = output / "model.gguf" if output.is_dir() or output.suffix != ".gguf" else output
     if path.exists() and not overwrite:

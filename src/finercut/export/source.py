@@ -135,8 +135,9 @@ def check_llama_family(config: Any, blocks: Sequence[KeptBlock], format_name: st
     if not blocks[0].attention:
         raise ExportError(
             f"--format {format_name}: the first remaining block (dense block {blocks[0].dense_index}) has no "
-            "attention. llama.cpp takes the head size from layer 0's head count (0 here) and vLLM's "
-            "DeciLMDecoderLayer needs a residual from an earlier attention in the first layer; both would fail. "
+            "attention. llama.cpp takes the head size from layer 0's head count (0 here), and vLLM's "
+            "DeciLMDecoderLayer runs its first FFN norm without the residual an attention would have set; both "
+            "would fail. "
             "Export a prefix of the run that keeps it (`finercut apply RUN --count N`)."
         )
 
