@@ -115,9 +115,21 @@ def kv_cache_summary(model: nn.Module, removed: Sequence[Any]) -> dict[str, Any]
             "dtype": str(model.dtype).removeprefix("torch.")}
 
 
+def synchronize_devices() -> None:
+    """Wait until every queued GPU kernel has run: CUDA and MPS run them asynchronously, so a clock read just
+    after a call would time the kernel launches, not the work."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+    if torch.backends.mps.is_available():
+        torch.mps.synchronize()
+
+
 def _timed(fn) -> float:
+    synchronize_devices()  # work queued before the call is not the call's
     started = time.perf_counter()
     fn()
+    synchronize_devices()
     return time.perf_counter() - started
 
 
