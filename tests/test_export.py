@@ -311,3 +311,23 @@ def test_settings_are_refused_before_the_model_is_loaded(tmp_path):
         export_model(folder, format="decilm", output=tmp_path / "deci", outtype="f16")
     with pytest.raises(ExportError, match="choose from f32, f16"):
         export_model(folder, format="gguf", output=tmp_path / "m.gguf", outtype="q4_0")
+
+
+def test_gguf_embeds_a_bpe_tokenizer_when_there_is_no_source_gguf(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder, _ = pruned_folder(tmp_path, MIXED, dtype=torch.float32)
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    path, notes = export_model(folder, format="gguf", output=tmp_path / "m.gguf")
+    fields, _ = gguf_metadata(path)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "default"
+    # padded to the model's 96 embedding rows, as llama.cpp's converter pads
+    assert fields["tokenizer.ggml.tokens"] == ["<s>", "</s>", "a", "b", "ab"] + [f"[PAD{i}]" for i in range(5, 96)]
+    assert fields["tokenizer.ggml.merges"] == ["a b"]
+    assert fields["tokenizer.ggml.token_type"] == [3, 3, 1, 1, 1] + [5] * 91  # control, normal, unused
+    assert fields["tokenizer.ggml.bos_token_id"] == 0 and fields["tokenizer.ggml.eos_token_id"] == 1
+    assert any("BPE tokenizer" in note for note in notes)

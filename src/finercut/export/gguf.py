@@ -219,7 +219,7 @@ def _add_tokenizer(writer: Any, source: PrunedSource) -> str:
     if gguf_path is not None:
         copied = copy_tokenizer_fields(writer, gguf_path)
         return f"tokenizer: {copied} fields copied from the source GGUF {gguf_path.name}"
-    if source.tokenizer is not None and _add_bpe_tokenizer(writer, source.tokenizer):
+    if source.tokenizer is not None and _add_bpe_tokenizer(writer, source.tokenizer, source.model.config.vocab_size):
         return "tokenizer: written from the folder's BPE tokenizer (gpt2 model, 'default' pre-tokenizer)"
     return ("tokenizer: none embedded (no source GGUF and no BPE tokenizer); llama.cpp needs one to run the file, "
             "transformers' reader does not")
@@ -241,7 +241,9 @@ def copy_tokenizer_fields(writer: Any, gguf_path: Path) -> int:
     return count
 
 
-def _add_bpe_tokenizer(writer: Any, tokenizer: Any) -> bool:
+def _add_bpe_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> bool:
+    """Write a byte-level BPE tokenizer as llama.cpp's ``gpt2`` model, padded to the embedding's rows (as its
+    converter pads, with unused ``[PAD{i}]`` tokens). Returns False for other tokenizer types."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return False
@@ -249,15 +251,17 @@ def _add_bpe_tokenizer(writer: Any, tokenizer: Any) -> bool:
     if model.get("type") != "BPE":
         return False
     vocab = tokenizer.get_vocab()
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
+    size = max(vocab_size, max(vocab.values()) + 1)
+    tokens: list[str | None] = [None] * size
     for token, index in vocab.items():
         tokens[index] = token
     special = set(tokenizer.all_special_ids)
+    # llama.cpp token types: 1 normal, 3 control (special tokens), 5 unused (padding)
+    types = [5 if token is None else 3 if i in special else 1 for i, token in enumerate(tokens)]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(size)])  # 3: control, 1: normal
+    writer.add_token_list([f"[PAD{i}]" if token is None else token for i, token in enumerate(tokens)])
+    writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     for attribute, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                            ("pad_token_id", writer.add_pad_token_id)):
