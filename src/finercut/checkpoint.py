@@ -28,7 +28,7 @@ from torch import nn
 from finercut import pruned_modeling
 from finercut.adapters import ArchitectureAdapter, adapter_for, adapter_for_config
 from finercut.candidates import Unit, removed_sublayers
-from finercut.errors import ConfigError, MissingFileError
+from finercut.errors import ConfigError, MissingFileError, OutputExistsError
 from finercut.pruned_modeling import (
     ATTENTION,
     FFN,
@@ -350,9 +350,9 @@ def check_save_target(path: Path, *, overwrite: bool) -> None:
     """Refuse, before any work, a model folder that :func:`save_pruned` would not be allowed to write."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
+        raise OutputExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; choose another folder or pass overwrite=True")
+        raise OutputExistsError(f"{path} exists and is not empty; choose another folder or pass overwrite=True")
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:

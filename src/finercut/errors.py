@@ -19,3 +19,7 @@ class ConfigError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (or that a data folder must hold) does not exist."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """The output file or folder to create exists already (and overwriting was not asked for)."""
