@@ -160,7 +160,7 @@ def test_two_ranks_give_the_one_process_record(tmp_path, tiny_model_dir, word_te
         both = complete_distances(step).keys() & complete_distances(alone).keys()
         assert both and all(complete_distances(step)[k] == complete_distances(alone)[k] for k in both)
     # Each rank keeps its own prefix cache and aborts against its own share's best: the work is summed.
-    assert sum(s["block_executions"] for s in record["steps"]) == sum(record["distributed"]["block_executions_by_rank"])
+    assert sum(s["block_executions"] for s in record["steps"]) == sum(record["timings"]["block_executions_by_rank"])
     assert result.stdout.count("removed 4 units") == 1  # rank 0 alone prints the summary
     assert (tmp_path / "two" / "model" / "config.json").is_file()
 

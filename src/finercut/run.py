@@ -340,6 +340,7 @@ def run_in_folder(
     if not world.is_writer:
         log, progress = _silent, False
     state = inspect_output(output_dir, parse=not overwrite)
+    state = world.all_gather(state)[0]  # rank 0's view of the folder: other nodes need not share it
     if overwrite:
         state = FolderState()  # the old files are deleted once the new run has passed validation
     elif state.holds_files and state.saved_config is None:
@@ -371,7 +372,7 @@ def run_in_folder(
             "--output folder (a shorter greedy run is a prefix of this one: see 'finercut apply --count')"
         )
     calibration_source = resolve_source(config.calibration, config.data_dir)
-    finished = _finished_record(output_dir, state, target, config)
+    finished = world.all_gather(_finished_record(output_dir, state, target, config) if world.is_writer else None)[0]
     if finished is not None:
         log(f"finercut: {output_dir} already holds this finished run ({target} units removed); nothing to do")
         return PruneResult(steps=state.completed, record=finished, output_dir=output_dir,
@@ -423,6 +424,7 @@ def run_in_folder(
     extras: dict = {}
     started = time.perf_counter()
     reference_seconds = 0.0
+    rank_block_executions = None  # this invocation's work per rank, like its timings
     if len(completed) == target:  # the search finished earlier; only its outputs are missing
         steps = completed
     else:
@@ -432,8 +434,7 @@ def run_in_folder(
         try:
             steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=completed,
                                on_step=save_progress, progress=progress, extras=extras)
-            extras["distributed"] = {**world.describe(),
-                                     "block_executions_by_rank": world.all_gather(context.block_executions)}
+            rank_block_executions = world.all_gather(context.block_executions)
         finally:
             context.close()
         if one_shot:
@@ -445,7 +446,7 @@ def run_in_folder(
         num_blocks=num_blocks, target=target, window_first_block=config.first_candidate_block(num_blocks),
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds,
-                 "resumed_steps": len(completed)},
+                 "resumed_steps": len(completed), "block_executions_by_rank": rank_block_executions},
         extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]),
                "distributed": world.describe(), **extras},
     )
