@@ -197,3 +197,39 @@ def test_a_rank_failing_mid_step_stops_the_job_and_one_rank_resumes_it(tmp_path,
     assert record["removed"] == single["removed"] and record["distributed"]["world_size"] == 1
     assert record["steps"][:2] == progress["steps"]
     assert without_timings(record["steps"][2:]) == without_timings(single["steps"][2:])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_follow_rank_0_s_folder(tmp_path, tiny_model_dir, word_text, one_process):
+    """``--nnodes 2`` on one machine, each node in its own working directory with a relative ``--output``: the
+    second node's folder is not rank 0's. Rank 0's folder holds a finished 2-step run; the 4-step run extends
+    it on both nodes, and the second node writes nothing."""
+    first, second = tmp_path / "node0", tmp_path / "node1"
+    first.mkdir(), second.mkdir()
+    assert main(prune_args(tiny_model_dir, word_text, first / "run", "--count", "2")) == 0
+    args = prune_args(tiny_model_dir, word_text, Path("run"), "--count", "4")
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "FINERCUT_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    if "FINERCUT_DATA_DIR" in env:  # the nodes run elsewhere
+        env["FINERCUT_DATA_DIR"] = str(Path(env["FINERCUT_DATA_DIR"]).resolve())
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+             "--rdzv-backend=static", f"--master-addr={endpoint.split(':')[0]}",
+             f"--master-port={endpoint.split(':')[1]}", "-m", "finercut", *args],
+            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank, folder in enumerate((first, second))
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    record = read(first / "run" / "record.json")
+    assert record["removed"] == one_process["fast"]["removed"] and record["distributed"]["world_size"] == 2
+    assert record["distributed"]["local_world_size"] == 1 and record["timings"]["resumed_steps"] == 2
+    assert not (second / "run").exists()

@@ -67,7 +67,9 @@ class World:
         if self.size > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            # NCCL needs to know this rank's GPU (else it guesses from the rank, which is wrong with shares).
+            options = {"device_ids": [torch.cuda.current_device()]} if self.backend == "nccl" else {}
+            dist.barrier(**options)
 
     def local_first(self, work: Callable[[], Any]) -> Any:
         """Run ``work`` on each node's local rank 0 first, then on the others (e.g. a conversion into a cache

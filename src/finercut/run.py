@@ -22,7 +22,7 @@ from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
 from finercut.candidates import Unit, all_units, count_units, window_applies
 from finercut.distances import metric_named
-from finercut.distributed import DistributedScorer, init_world
+from finercut.distributed import DistributedScorer, current_world, init_world
 from finercut.errors import UserError
 from finercut.modelio import (
     identity_differences,
@@ -137,10 +137,13 @@ def find_steps(
         bar.update(1)
         bar.set_postfix_str(f"step {state['step'] + 1}/{target} cand {unit} d={distance:.3g}", refresh=False)
 
+    speaks = current_world().is_writer  # under torchrun, rank 0 reports the steps for the job
+
     def after_step(step: Step) -> None:
         state["step"] = step.index + 1
-        bar.write(f"step {step.index + 1}/{target}: removed {step.unit} (distance {step.distance:.6g}, "
-                  f"{step.seconds:.1f} s)")
+        if speaks:
+            bar.write(f"step {step.index + 1}/{target}: removed {step.unit} (distance {step.distance:.6g}, "
+                      f"{step.seconds:.1f} s)")
         if on_step:
             on_step(step)
 
