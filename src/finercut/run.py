@@ -22,7 +22,6 @@ from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
 from finercut.candidates import Unit, all_units, count_units, window_applies
 from finercut.distances import metric_named
-from finercut.distributed import DistributedScorer, init_world
 from finercut.distributed import DistributedScorer, current_world, init_world
 from finercut.errors import UserError
 from finercut.modelio import (
