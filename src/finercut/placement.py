@@ -146,3 +146,17 @@ def _offload_folder() -> str:
     folder = tempfile.mkdtemp(prefix="run-", dir=root)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def input_device(model: Any) -> torch.device:
+    """Where token ids must go: the device the input embedding runs on.
+
+    ``model.device`` is the device of the first parameter, which is ``meta`` when accelerate offloaded the
+    embedding (to the CPU of a GPU machine, or to disk); the embedding's hook then names the device it runs on.
+    """
+    embedding = model.get_input_embeddings()
+    device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    weight = next(embedding.parameters(), None)
+    return weight.device if weight is not None else model.device
