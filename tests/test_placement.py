@@ -129,8 +129,7 @@ def test_token_ids_go_where_the_embedding_runs(tmp_path, tiny_model_dir):
 
 @pytest.mark.xfail(strict=True, reason="the calibration pass sends token ids to model.device, which is meta when "
                                        "the embedding is offloaded (scoring/context.py; placement.input_device is "
-                                       "the device to use); with that worked around, a meta tensor still reaches "
-                                       "an offloaded module's inputs (not yet diagnosed)")
+                                       "the device to use: with it in model.device's place, this test passes)")
 def test_a_search_with_the_embedding_offloaded(tmp_path, tiny_model_dir, word_text):
     device_map = tmp_path / "device_map.json"
     device_map.write_text(json.dumps(EMBEDDING_OFFLOADED))
