@@ -1,9 +1,9 @@
 """``torchrun ... tests/failing_rank.py RANK STEPS MODE finercut-args...``: the CLI, with one rank failing mid-step.
 
 Once STEPS steps are done, rank RANK fails inside its next candidate evaluation (its earlier blocks ran, the
-output head not yet): MODE ``raise`` raises an error there, ``kill`` sends the process SIGKILL. The seam is a
-wrapper around ``finercut.run.find_steps`` (as in ``interrupted_run.py``), so the shipped code has no test-only
-branch.
+output head not yet): MODE ``raise`` raises an error there, ``kill`` sends the process SIGKILL, ``hang`` sleeps
+for an hour. The seam is a wrapper around ``finercut.run.find_steps`` (as in ``interrupted_run.py``), so the
+shipped code has no test-only branch.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from finercut import cli, run
 
@@ -30,6 +31,8 @@ def fail_after(rank: int, steps: int, mode: str):
             if done["steps"] >= steps and int(os.environ["RANK"]) == rank:
                 if mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if mode == "hang":  # alive but silent, as a stuck GPU or a lost node looks to the others
+                    time.sleep(3600)
                 raise RuntimeError("injected failure: out of device memory")
 
         last_block = context.adapter.blocks_of(context.model)[-1]

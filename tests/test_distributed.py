@@ -118,10 +118,12 @@ def test_a_failure_on_another_rank_raises_here():
 # Two ranks under torchrun
 
 
-def torchrun(args: list[str], *, script: list[str] | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node ranks -m finercut args`` (or ``script`` instead of the module)."""
+def torchrun(args: list[str], *, script: list[str] | None = None, ranks: int = 2,
+             timeout: int = 60) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node ranks -m finercut args`` (or ``script`` instead of the module),
+    with the collectives' timeout in seconds."""
     target = script or ["-m", "finercut"]
-    env = {**os.environ, "FINERCUT_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "FINERCUT_DIST_TIMEOUT": str(timeout), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *target, *args],
         capture_output=True, text=True, timeout=300, env=env,
@@ -197,6 +199,18 @@ def test_a_rank_failing_mid_step_stops_the_job_and_one_rank_resumes_it(tmp_path,
     assert record["removed"] == single["removed"] and record["distributed"]["world_size"] == 1
     assert record["steps"][:2] == progress["steps"]
     assert without_timings(record["steps"][2:]) == without_timings(single["steps"][2:])
+
+
+def test_a_rank_that_hangs_stops_the_job_at_the_collective_timeout(tmp_path, tiny_model_dir, word_text):
+    """What torchrun cannot see (a rank alive but stuck, or a lost node): the others give up after the timeout."""
+    output = tmp_path / "hung"
+    args = prune_args(tiny_model_dir, word_text, output, "--count", "4", "--no-save-model")
+    hung = torchrun(args, script=[str(Path(__file__).with_name("failing_rank.py")), "1", "1", "hang"], timeout=5)
+    assert hung.returncode != 0
+    assert "rank 0 of 2 could not exchange results while scoring step 2: another rank died or did not answer " \
+           "within FINERCUT_DIST_TIMEOUT=5 s" in hung.stderr, hung.stderr
+    assert len(read(output / "progress.json")["steps"]) == 1
+    assert sorted(p.name for p in output.iterdir()) == ["progress.json", "run.json"]
 
 
 def free_port() -> int:

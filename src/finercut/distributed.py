@@ -276,7 +276,13 @@ class DistributedScorer:
         except Exception as error:  # KeyboardInterrupt and SystemExit end the process: torchrun stops the rest
             traceback.print_exc(file=sys.stderr)
             outcome = ("error", type(error).__name__, str(error), isinstance(error, NonFiniteOutputError))
-        gathered = world.all_gather((outcome, self.inner.block_executions))
+        try:
+            gathered = world.all_gather((outcome, self.inner.block_executions))
+        except RuntimeError as error:  # gloo/NCCL: a rank died or hangs past the timeout
+            raise RankFailedError(
+                f"rank {world.rank} of {world.size} could not exchange results while {what}: another rank died or "
+                f"did not answer within {TIMEOUT_ENV}={timeout_from_env().total_seconds():g} s ({error})"
+            ) from error
         self.rank_block_executions = [executions for _, executions in gathered]
         failures = [(rank, outcome) for rank, (outcome, _) in enumerate(gathered) if outcome[0] == "error"]
         if not failures:
