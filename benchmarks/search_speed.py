@@ -1,10 +1,22 @@
-"""Fast (prefix-cached) vs naive (full forward per candidate) search, measured side by side in one process.
+"""Fast vs naive search measured side by side in one process, then whole runs of the fast search.
 
-    python benchmarks/search_speed.py --data-dir ../shared/data --steps 3
+    python benchmarks/search_speed.py --data-dir ../shared/data --steps 3 --full-ratio 0.25
 
-Both scorers run the same steps on the same model, calibration samples and thread count, alternating step by
-step so that machine noise hits both alike. Prints per-step wall time and block executions, their ratios, and
-checks that both chose the same sub-layers with the same scores.
+Part 1: the fast scorer (prefix-cached replay, exact early abort, vocabulary-free angular/Euclidean where the
+head allows it) and the naive one (a full forward and the plain distance per candidate) run the same steps on
+the same model, calibration samples and thread count, alternating step by step so that machine noise hits both
+alike. Per step: wall time, samples evaluated, candidates aborted, time in blocks / head / distance, and
+full-forward equivalents (FLOPs spent scoring divided by the FLOPs of one full forward of the calibration set,
+output head included). It checks that both removed the same units and gave the same distances to every
+candidate the fast path scored completely.
+
+Part 2: whole runs of the fast search to ``--full-ratio`` for each of ``--full-metrics``, timed from the
+original-model pass (included) to the last removal.
+
+FLOPs are counted with ``torch.utils.flop_counter`` on one dense block, one head row and one full forward of a
+sample; a replayed block is booked at its dense cost even when one of its sub-layers is removed (an over-count
+of the fast path), and the element-wise work of the distances (exp, log over the vocabulary) is not counted:
+its time is in the "distance" column.
 """
 
 from __future__ import annotations
@@ -13,14 +25,140 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from finercut.adapters import adapter_for
 from finercut.calibration import calibration_samples, resolve_source
-from finercut.candidates import first_window_block
+from finercut.candidates import count_units, first_window_block, target_count
 from finercut.distances import metric_named
 from finercut.modelio import load_model, load_tokenizer, resolve_model_source
-from finercut.scoring import FastScorer, NaiveScorer, ScoringContext
+from finercut.scoring import FastScorer, NaiveScorer, ScoringContext, run_block
 from finercut.search import greedy_search
+
+
+def flop_costs(model, adapter, context: ScoringContext) -> dict:
+    """Dense FLOPs of each block on one calibration batch, of the head per position, of a full forward."""
+    batch = context.batches[0]
+    blocks = adapter.blocks_of(model)
+    per_block = []
+    hidden = batch.first_block_input
+    with torch.inference_mode():
+        for i, block in enumerate(blocks):
+            with FlopCounterMode(display=False) as counter:
+                output = run_block(block, hidden, batch.block_calls[i])
+            per_block.append(counter.get_total_flops() / batch.num_samples)
+            hidden = output
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        with FlopCounterMode(display=False) as counter:
+            adapter.logits(model, rows)
+        head_per_row = counter.get_total_flops() / rows.shape[0]
+    seq = batch.input_ids.shape[1]
+    full_forward = context.num_samples * (sum(per_block) + seq * head_per_row)
+    hidden_size = rows.shape[-1]
+    return {"block_per_sample": per_block, "head_per_row": head_per_row, "full_forward": full_forward,
+            "gram_per_row": 6 * hidden_size**2}  # three [1, H] x [H, H] quadratic forms per position
+
+
+def snapshot(context: ScoringContext) -> dict:
+    work = context.work
+    return {"block_runs": list(work.block_runs), "head_rows": work.head_rows, "gram_rows": work.gram_rows,
+            "seconds": dict(work.seconds)}
+
+
+def spent(before: dict, after: dict, flops: dict) -> dict:
+    """Work between two snapshots: seconds per part and full-forward equivalents."""
+    block_flops = sum((a - b) * f for a, b, f in zip(after["block_runs"], before["block_runs"],
+                                                      flops["block_per_sample"]))
+    head_flops = (after["head_rows"] - before["head_rows"]) * flops["head_per_row"]
+    gram_flops = (after["gram_rows"] - before["gram_rows"]) * flops["gram_per_row"]
+    return {
+        "seconds": {k: after["seconds"][k] - before["seconds"][k] for k in after["seconds"]},
+        "ffe": (block_flops + head_flops + gram_flops) / flops["full_forward"],
+        "ffe_blocks": block_flops / flops["full_forward"],
+        "ffe_head": (head_flops + gram_flops) / flops["full_forward"],
+    }
+
+
+def split(work: dict) -> str:
+    s = work["seconds"]
+    return (f"blocks {s['blocks']:6.1f} s, head {s['head']:6.1f} s, distance {s['distance']:5.1f} s; "
+            f"{work['ffe']:5.2f} full-forward equivalents ({work['ffe_blocks']:.2f} blocks + "
+            f"{work['ffe_head']:.2f} head)")
+
+
+def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, window: dict) -> None:
+    num_blocks = adapter.num_blocks(model)
+    contexts = {name: ScoringContext.build(model, adapter, metric_named(metric), input_ids)
+                for name in ("fast", "naive")}
+    flops = flop_costs(model, adapter, contexts["fast"])
+    scorers = {"fast": FastScorer(contexts["fast"]), "naive": NaiveScorer(contexts["naive"])}
+    print(f"part 1: {steps} steps, metric {metric}, fast distance path: {scorers['fast'].distance_path}; "
+          f"head = {flops['head_per_row'] * input_ids.shape[1] / (sum(flops['block_per_sample']) / num_blocks):.1f}"
+          " blocks of FLOPs per sample", flush=True)
+    done = {"fast": [], "naive": []}
+    works = {"fast": [], "naive": []}
+    cpu = {"fast": 0.0, "naive": 0.0}
+    for k in range(steps):
+        for name, scorer in scorers.items():
+            before, cpu_before = snapshot(contexts[name]), time.process_time()
+            done[name] = greedy_search(scorer, num_blocks=num_blocks, granularity="sublayer", target=k + 1,
+                                       completed=done[name], **window)
+            cpu[name] += time.process_time() - cpu_before
+            works[name].append(spent(before, snapshot(contexts[name]), flops))
+        fast, naive = done["fast"][k], done["naive"][k]
+        aborted = sum(c.aborted for c in fast.candidates)
+        print(f"step {k + 1}: {len(fast.candidates)} candidates, removed fast {fast.unit} / naive {naive.unit}\n"
+              f"  fast  {fast.seconds:7.1f} s, {fast.samples_evaluated:4d} samples evaluated, {aborted} aborted; "
+              f"{split(works['fast'][k])}\n"
+              f"  naive {naive.seconds:7.1f} s, {naive.samples_evaluated:4d} samples; {split(works['naive'][k])}\n"
+              f"  wall-time ratio naive/fast {naive.seconds / fast.seconds:.1f}", flush=True)
+    fast_seconds = sum(s.seconds for s in done["fast"])
+    naive_seconds = sum(s.seconds for s in done["naive"])
+    same_order = [s.unit for s in done["fast"]] == [s.unit for s in done["naive"]]
+    worst = max(abs(f.distance - n.distance) / max(abs(n.distance), 1e-30)
+                for fs, ns in zip(done["fast"], done["naive"])
+                for f, n in zip(fs.candidates, ns.candidates) if f.distance is not None)
+    fast_ffe = sum(w["ffe"] for w in works["fast"]) / steps
+    naive_ffe = sum(w["ffe"] for w in works["naive"]) / steps
+    print(f"total: fast {fast_seconds:.1f} s, naive {naive_seconds:.1f} s: naive/fast wall-time ratio "
+          f"{naive_seconds / fast_seconds:.1f} (process CPU time: fast {cpu['fast']:.0f} s, naive "
+          f"{cpu['naive']:.0f} s, ratio {cpu['naive'] / cpu['fast']:.1f}); full-forward equivalents per removed "
+          f"sub-layer: fast {fast_ffe:.2f}, naive {naive_ffe:.2f}")
+    print(f"same removal order: {same_order} ({', '.join(str(s.unit) for s in done['fast'])}); largest relative "
+          f"difference of fully scored candidates' distances {worst:.2e} (float32)", flush=True)
+    for context in contexts.values():
+        context.close()
+
+
+def full_run(model, adapter, input_ids, *, metric: str, ratio: float, window: dict, max_steps: int | None) -> None:
+    num_blocks = adapter.num_blocks(model)
+    target = target_count(ratio, count_units(num_blocks, "sublayer"))
+    planned = target if max_steps is None else min(target, max_steps)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    context = ScoringContext.build(model, adapter, metric_named(metric), input_ids)
+    scorer = FastScorer(context)
+    reference_seconds = time.perf_counter() - started
+    flops = flop_costs(model, adapter, context)
+    before = snapshot(context)
+
+    def report(step):
+        print(f"  step {step.index + 1:2d}: {step.unit}, distance {step.distance:.5g}, {step.seconds:5.1f} s, "
+              f"{step.samples_evaluated} samples, {sum(c.aborted for c in step.candidates)}/{len(step.candidates)} "
+              "aborted", flush=True)
+
+    print(f"part 2: run of ratio {ratio} ({target} sub-layers), {planned} steps of it, metric {metric}, distance "
+          f"path {scorer.distance_path}", flush=True)
+    steps = greedy_search(scorer, num_blocks=num_blocks, granularity="sublayer", target=planned, on_step=report,
+                          **window)
+    work = spent(before, snapshot(context), flops)
+    search_seconds = sum(s.seconds for s in steps)
+    cpu_seconds = time.process_time() - cpu_started
+    print(f"  {metric}, {planned}/{target} steps: search {search_seconds:.1f} s + original-model pass and G "
+          f"{reference_seconds:.1f} s = {search_seconds + reference_seconds:.1f} s wall "
+          f"({(search_seconds + reference_seconds) / 60:.2f} min), process CPU time {cpu_seconds:.0f} s; "
+          f"{split(work)}; {work['ffe'] / planned:.2f} full-forward equivalents per removed sub-layer", flush=True)
+    print(f"  order: {', '.join(str(s.unit) for s in steps)}", flush=True)
+    context.close()
 
 
 def main() -> None:
@@ -29,8 +167,11 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--metric", default="js")
+    parser.add_argument("--steps", type=int, default=3, help="steps of part 1 (0 skips it)")
+    parser.add_argument("--metric", default="js", help="metric of part 1")
+    parser.add_argument("--full-ratio", type=float, default=0.25, help="ratio of part 2 (0 skips it)")
+    parser.add_argument("--full-metrics", default="js,angular")
+    parser.add_argument("--full-steps", type=int, help="stop part 2 after this many steps (default: the whole run)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -42,35 +183,16 @@ def main() -> None:
     num_blocks = adapter.num_blocks(model)
     input_ids, _ = calibration_samples(tokenizer, resolve_source("wikitext2", args.data_dir),
                                        num_samples=args.samples, seq_len=args.seq_len, seed=0)
-    metric = metric_named(args.metric)
-    contexts = {name: ScoringContext.build(model, adapter, metric, input_ids) for name in ("fast", "naive")}
-    scorers = {"fast": FastScorer(contexts["fast"]), "naive": NaiveScorer(contexts["naive"])}
-    steps = {"fast": [], "naive": []}
     window = dict(window_until_ratio=0.4, window_first_block=first_window_block(num_blocks, 0.4))
-    print(f"{info['id']}: {num_blocks} blocks, {args.samples} x {args.seq_len} calibration tokens, metric "
-          f"{args.metric}, {args.threads} threads")
+    print(f"{info['id']}: {num_blocks} blocks, {args.samples} x {args.seq_len} calibration tokens (one sample per "
+          f"batch), float32, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
-    for k in range(args.steps):
-        for name, scorer in scorers.items():
-            steps[name] = greedy_search(scorer, num_blocks=num_blocks, granularity="sublayer", target=k + 1,
-                                        completed=steps[name], **window)
-        fast, naive = steps["fast"][k], steps["naive"][k]
-        print(f"step {k + 1}: {len(fast.candidates)} candidates | fast {fast.seconds:7.1f} s, "
-              f"{fast.block_executions:5d} block executions | naive {naive.seconds:7.1f} s, "
-              f"{naive.block_executions:5d} | time ratio naive/fast {naive.seconds / fast.seconds:.2f}, "
-              f"executions ratio {naive.block_executions / fast.block_executions:.2f}")
-    fast_seconds = sum(s.seconds for s in steps["fast"])
-    naive_seconds = sum(s.seconds for s in steps["naive"])
-    fast_blocks = sum(s.block_executions for s in steps["fast"])
-    naive_blocks = sum(s.block_executions for s in steps["naive"])
-    same_order = [s.unit for s in steps["fast"]] == [s.unit for s in steps["naive"]]
-    worst = max(abs(a - b) / max(abs(b), 1e-30) for f, n in zip(steps["fast"], steps["naive"])
-                for (_, a), (_, b) in zip(f.candidates, n.candidates))
-    print(f"total: fast {fast_seconds:.1f} s / {fast_blocks} block executions, naive {naive_seconds:.1f} s / "
-          f"{naive_blocks}; naive/fast wall-time ratio {naive_seconds / fast_seconds:.2f}, block-execution ratio "
-          f"{naive_blocks / fast_blocks:.2f}")
-    print(f"same removal order: {same_order} ({', '.join(str(s.unit) for s in steps['fast'])}); largest relative "
-          f"score difference {worst:.2e} (float32)")
+    if args.steps:
+        compare_fast_naive(model, adapter, input_ids, metric=args.metric, steps=args.steps, window=window)
+    if args.full_ratio:
+        for metric in args.full_metrics.split(","):
+            full_run(model, adapter, input_ids, metric=metric, ratio=args.full_ratio, window=window,
+                     max_steps=args.full_steps)
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
 
 

@@ -31,7 +31,7 @@ def context():
         for b in IDENTITY_BLOCKS:
             model.model.layers[b].self_attn.o_proj.weight.zero_()
             model.model.layers[b].mlp.down_proj.weight.zero_()
-    context = ScoringContext.build(model, adapter_for(model), metric_named("js"), tiny_input_ids())
+    context = ScoringContext.build(model, adapter_for(model), metric_named("js"), tiny_input_ids(), batch_size=3)
     yield context
     context.close()
 

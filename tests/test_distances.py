@@ -9,6 +9,9 @@ from finercut.distances import (
     METRICS,
     angular_distance,
     euclidean_distance,
+    gram_angular_distance,
+    gram_euclidean_distance,
+    gram_matrix,
     js_divergence,
     js_divergence_official,
     metric_named,
@@ -120,3 +123,37 @@ def test_js_handles_minus_infinity_logits():
 def test_unknown_metric_lists_the_known_ones():
     with pytest.raises(ValueError, match="js, angular, euclidean, js_official"):
         metric_named("kl")
+
+
+@pytest.mark.parametrize("name, plain, gram", [("angular", angular_distance, gram_angular_distance),
+                                               ("euclidean", euclidean_distance, gram_euclidean_distance)])
+def test_gram_forms_equal_the_plain_distances_of_the_full_logits(name, plain, gram):
+    # z = W h: the distances of the logits from G = W^T W and the head inputs alone, float64, 1e-9 relative;
+    # including tiny changes (where a cosine-based form would lose everything) and a vocabulary > hidden.
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 16, generator=generator, dtype=torch.float64)
+    ref = torch.randn(9, 16, generator=generator, dtype=torch.float64)
+    scales = torch.tensor([1.0, 0.3, 1e-2, 1e-4, 1e-6, 1e-8, 1.0, 0.5, 2.0], dtype=torch.float64)[:, None]
+    hidden = ref + scales * torch.randn(9, 16, generator=generator, dtype=torch.float64)
+    hidden[6] = 3.0 * ref[6]  # same direction: angle 0
+    expected = plain(ref @ weight.T, hidden @ weight.T)
+    got = gram(gram_matrix(weight, rows_per_chunk=64), ref, hidden)
+    assert metric_named(name).gram is gram
+    if name == "euclidean":
+        # Below ~1e-6 the plain form loses digits subtracting two nearly equal logit vectors; the Gram form
+        # subtracts in hidden space and stays exact there: compare those rows with the exact difference.
+        tiny = scales[:, 0] < 1e-5
+        torch.testing.assert_close(got[tiny], ((hidden - ref) @ weight.T).norm(dim=-1)[tiny], rtol=1e-9, atol=0.0)
+        got, expected = got[~tiny], expected[~tiny]
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-15 if name == "angular" else 0.0)
+
+
+def test_gram_matrix_is_accumulated_in_float64_over_chunks():
+    weight = torch.randn(1000, 8, dtype=torch.float32)
+    gram = gram_matrix(weight, rows_per_chunk=128)
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, weight.double().T @ weight.double(), rtol=1e-12, atol=1e-10)
+
+
+def test_only_angular_and_euclidean_have_a_vocabulary_free_form():
+    assert {name for name, metric in METRICS.items() if metric.gram is not None} == {"angular", "euclidean"}

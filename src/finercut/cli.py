@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -82,7 +83,11 @@ def _add_prune_parser(commands) -> None:
     search.add_argument("--granularity", help="sublayer (default: attention and FFN separately) or block")
     search.add_argument("--only", choices=("attention", "ffn"),
                         help="only sub-layers of this kind are candidates; --ratio then counts them (L units)")
-    search.add_argument("--scorer", help="fast (default: prefix cache) or naive (full forward per candidate)")
+    search.add_argument("--scorer", help="fast (default: prefix cache, early abort) or naive (full forward per "
+                                         "candidate)")
+    search.add_argument("--exhaustive", action="store_true", default=None,
+                        help="score every candidate on every sample (no early abort: same removals, every "
+                             "candidate's distance complete, as the interpretability figures need)")
     search.add_argument("--window-until", dest="window_until_ratio", type=float,
                         help="restrict candidates while at most this fraction is removed (default 0.4)")
     search.add_argument("--window-fraction", type=float,
@@ -96,7 +101,8 @@ def _add_prune_parser(commands) -> None:
     calibration.add_argument("--samples", dest="num_samples", type=int, help="calibration samples (default 10)")
     calibration.add_argument("--seq-len", type=int, help="tokens per sample (default 256)")
     calibration.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    calibration.add_argument("--batch-size", type=int, help="samples per forward pass (default: all)")
+    calibration.add_argument("--batch-size", type=int, help="samples per forward pass, also the early-abort "
+                                                            "granularity (default: 1)")
     run = parser.add_argument_group("run")
     run.add_argument("--no-save-model", dest="save_model", action="store_false", default=None,
                      help="write the record only, not the pruned model")
@@ -110,6 +116,7 @@ RUN_CONFIG_OPTIONS = (
     "model", "revision", "dtype", "device", "device_map", "threads", "ratio", "count", "method", "metric",
     "granularity", "scorer", "window_until_ratio", "window_fraction", "window_first_block", "calibration", "data_dir",
     "num_samples", "seq_len", "seed", "batch_size", "save_model", "only", "shapley_permutations", "shapley_truncation",
+    "exhaustive",
 )
 
 
@@ -193,11 +200,36 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no record.json in {args.run}")
     print(summarize_record(read_json(record_file), folder if folder.is_dir() else None))
     if args.steps:
-        for step in read_json(record_file)["steps"]:
-            distance = step["distance"]
-            print(f"  step {step['step'] + 1:3d}: {step['removed']['block']:3d} {step['removed']['kind']:9s} "
-                  f"distance {distance if distance is None else f'{distance:.6g}'}")
+        record = read_json(record_file)
+        for step in record["steps"]:
+            print(format_step(step, record.get("calibration", {}).get("num_samples")))
     return 0
+
+
+def format_step(step: dict, num_samples: int | None) -> str:
+    """One step of a record: what was removed, then every candidate by score, an aborted one as ``>=bound``
+    with the samples it was scored on (``[seen/all]``)."""
+    distance = step["distance"]
+    lines = [f"  step {step['step'] + 1:3d}: {step['removed']['block']:3d} {step['removed']['kind']:9s} "
+             f"distance {distance if distance is None else f'{distance:.6g}'}"]
+    candidates = step.get("candidates", [])
+    aborted = [c for c in candidates if c.get("distance") is None and c.get("lower_bound") is not None]
+    if candidates:
+        lines[0] += (f"; {len(candidates)} candidates, {len(candidates) - len(aborted)} scored completely, "
+                     f"{len(aborted)} aborted (lower bound >= the winner's distance)")
+
+    def entry(c: dict) -> tuple[float, str]:
+        unit = Unit.from_dict(c)
+        if c.get("distance") is not None:
+            return c["distance"], f"{unit} {c['distance']:.4g}"
+        if c.get("lower_bound") is not None:
+            return c["lower_bound"], f"{unit} >={c['lower_bound']:.4g} [{c.get('samples')}/{num_samples or '?'}]"
+        return math.inf, f"{unit} -"
+
+    entries = [text for _, text in sorted((entry(c) for c in candidates), key=lambda item: item[0])]
+    for start in range(0, len(entries), 4):
+        lines.append("      " + "   ".join(f"{text:<26s}" for text in entries[start : start + 4]).rstrip())
+    return "\n".join(lines)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

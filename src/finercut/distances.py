@@ -10,7 +10,11 @@ Two forms of each distance:
   search;
 * :class:`Metric` objects used by the fast search: the original side is prepared once (``prepare``), and
   ``per_position`` then works in place on the pruned logits, materialising as few full-vocabulary tensors as
-  possible (over a 49k vocabulary a careless JS costs as much as the forward pass).
+  possible (over a 49k vocabulary a careless JS costs as much as the forward pass);
+* vocabulary-free forms of angular and Euclidean (:func:`gram_angular_distance`, ...) for a linear head
+  ``z = W h``: they need only ``G = W^T W`` (hidden x hidden) and the head's inputs.
+
+Every per-position value is >= 0, so a partial sum over some samples bounds the mean from below.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Callable
 
 import torch
 
+from finercut.errors import UserError
 
-class NonFiniteOutputError(FloatingPointError):
+
+class NonFiniteOutputError(UserError, FloatingPointError):
     """The model produced NaN or inf logits; scoring them would pick garbage."""
 
 
@@ -86,6 +92,46 @@ def euclidean_distance(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.
     return (_float(logits) - _float(ref_logits)).norm(dim=-1)
 
 
+def gram_matrix(weight: torch.Tensor, *, rows_per_chunk: int = 8192) -> torch.Tensor:
+    """``G = W^T W`` of a linear head ``z = W h``, in float64: ``[vocab, hidden] -> [hidden, hidden]``.
+
+    Accumulated over chunks of vocabulary rows, so no float64 copy of ``W`` is ever whole.
+    """
+    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = weight[start : start + rows_per_chunk].double()
+        gram.addmm_(rows.T, rows)
+    return gram
+
+
+def _gram_norm_sq(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x^T G x`` per row (``|W x|^2``), clamped at 0 against rounding: ``[..., hidden] -> [...]``."""
+    return ((x @ gram) * x).sum(dim=-1).clamp_(min=0.0)
+
+
+def gram_angular_distance(gram: torch.Tensor, ref_hidden: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """:func:`angular_distance` of the logits ``W ref_hidden`` and ``W hidden``, without the vocabulary.
+
+    With ``u = x / |W x|`` the unit logit vector is ``W u``, and the chord ``|W u - W u~|`` is
+    ``sqrt((u - u~)^T G (u - u~))``: the same chord form as the plain function, in float64.
+
+    Args:
+        gram: ``[hidden, hidden]`` float64 ``W^T W``.
+        ref_hidden, hidden: ``[..., hidden]`` the head's inputs (after the final norm), original and pruned.
+    """
+    a = ref_hidden.double()
+    b = hidden.double()
+    a = a / _gram_norm_sq(gram, a).sqrt().unsqueeze(-1)
+    b = b / _gram_norm_sq(gram, b).sqrt().unsqueeze(-1)
+    chord = _gram_norm_sq(gram, a - b).sqrt()
+    return 2 * torch.asin((chord / 2).clamp(max=1.0))
+
+
+def gram_euclidean_distance(gram: torch.Tensor, ref_hidden: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """:func:`euclidean_distance` of ``W ref_hidden`` and ``W hidden``: ``sqrt((h - h~)^T G (h - h~))``."""
+    return _gram_norm_sq(gram, hidden.double() - ref_hidden.double()).sqrt()
+
+
 PreparedReference = tuple[torch.Tensor, ...]
 
 
@@ -101,11 +147,9 @@ class Metric:
     prepare: Callable[[torch.Tensor], PreparedReference]
     per_position: Callable[[PreparedReference, torch.Tensor], torch.Tensor]
     description: str
-
-
-def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dim, in place."""
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    gram: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """The same distance from the head's inputs and ``G = W^T W`` (linear heads without bias or soft-capping),
+    if the metric has such a form: ``gram(G, ref_hidden, hidden)`` equals ``distance(W ref_hidden, W hidden)``."""
 
 
 def _vocab_sum(x: torch.Tensor) -> torch.Tensor:
@@ -113,34 +157,48 @@ def _vocab_sum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=-1, dtype=torch.float32 if x.device.type == "mps" else torch.float64)
 
 
+def _log_softmax_finite(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax with -inf (an entry of probability 0) clamped to the lowest finite value, so that
+    ``p * log_p`` is 0 there rather than NaN; no transcendental pass beyond the log-softmax itself."""
+    log_p = torch.log_softmax(_float(logits), dim=-1)
+    return log_p.clamp_(min=torch.finfo(log_p.dtype).min)
+
+
 def _prepare_js(ref_logits: torch.Tensor) -> PreparedReference:
-    p = torch.log_softmax(_float(ref_logits), dim=-1).exp_()
-    return p, _vocab_sum(torch.special.xlogy(p, p))
+    log_p = _log_softmax_finite(ref_logits)
+    p = log_p.exp()
+    return p, _vocab_sum(log_p.mul_(p))
 
 
 def _js_per_position(prepared: PreparedReference, logits: torch.Tensor) -> torch.Tensor:
-    # JS = ½(Σ P log P + Σ Q log Q) - Σ M log M: the original's Σ P log P is prepared once, so each candidate
-    # costs a log-softmax, an exp and two xlogy passes over the vocabulary. The three sums are accumulated in
-    # float64, which keeps their difference (a small number from sums of several nats) accurate in float32.
-    # Q is computed exactly as P was, so an output identical to the original's scores exactly 0.
+    # JS = ½(Σ P log P + Σ Q log Q) - Σ M log M. The original's P and Σ P log P are prepared once; a candidate
+    # costs its log-softmax, then one exp (Q) and one log (inside xlogy(M, M)) per vocabulary entry: Σ Q log Q
+    # reuses the log-softmax. The sums are accumulated in float64, which keeps their difference (a small
+    # number from sums of several nats) accurate in float32. Rounding can leave a tiny negative: clamped, so
+    # every per-position term is >= 0 (early abort relies on it).
     p, neg_entropy_p = prepared
-    q = torch.log_softmax(_float(logits), dim=-1).exp_()
-    neg_entropy_q = _vocab_sum(torch.special.xlogy(q, q))
+    log_q = _log_softmax_finite(logits)
+    q = log_q.exp()
+    neg_entropy_q = _vocab_sum(log_q.mul_(q))
     m = q.add_(p).mul_(0.5)
-    neg_entropy_m = _vocab_sum(torch.special.xlogy(m, m))
+    neg_entropy_m = _vocab_sum(torch.special.xlogy(m, m, out=log_q))
     return (0.5 * (neg_entropy_p + neg_entropy_q) - neg_entropy_m).clamp_(min=0.0)
 
 
 def _prepare_js_official(ref_logits: torch.Tensor) -> PreparedReference:
-    return (torch.log_softmax(_float(ref_logits), dim=-1),)
+    log_p = _log_softmax_finite(ref_logits)
+    return log_p, log_p.exp()
 
 
 def _js_official_per_position(prepared: PreparedReference, logits: torch.Tensor) -> torch.Tensor:
-    (log_p,) = prepared
-    log_q = _log_softmax_(_float(logits))
-    m = log_q.exp().add_(log_p.exp()).mul_(0.5)
-    total = 2 * _vocab_sum(torch.special.xlogy(m, m)) - _vocab_sum(m * log_p) - _vocab_sum(m * log_q)
-    return 0.5 * total / logits.shape[-1]
+    # Σ [2 M log M - M log P - M log Q] = Σ M (2 log M - log P - log Q), clamped at 0 like JS (it is a sum of
+    # two KL divergences); one exp (Q) and one log (M) per entry.
+    log_p, p = prepared
+    log_q = _log_softmax_finite(logits)
+    m = log_q.exp().add_(p).mul_(0.5)
+    log_q.add_(log_p)  # log P + log Q
+    total = 2 * _vocab_sum(torch.special.xlogy(m, m)) - _vocab_sum(log_q.mul_(m))
+    return (0.5 * total / logits.shape[-1]).clamp_(min=0.0)
 
 
 def _prepare_angular(ref_logits: torch.Tensor) -> PreparedReference:
@@ -170,9 +228,10 @@ METRICS: dict[str, Metric] = {
         Metric("js", js_divergence, _prepare_js, _js_per_position,
                "Jensen-Shannon divergence of the next-token distributions (Eq. 6, natural log)"),
         Metric("angular", angular_distance, _prepare_angular, _angular_per_position,
-               "angle between the logit vectors, arccos of their cosine similarity (Eq. 4)"),
+               "angle between the logit vectors, arccos of their cosine similarity (Eq. 4)",
+               gram=gram_angular_distance),
         Metric("euclidean", euclidean_distance, _prepare_euclidean, _euclidean_per_position,
-               "L2 distance of the logit vectors (Eq. 5)"),
+               "L2 distance of the logit vectors (Eq. 5)", gram=gram_euclidean_distance),
         Metric("js_official", js_divergence_official, _prepare_js_official, _js_official_per_position,
                "the authors' released code: mean over vocabulary of ½[M(log M - log P) + M(log M - log Q)]"),
     )

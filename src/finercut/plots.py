@@ -1,4 +1,5 @@
-"""Figures: the layer map of removed sub-layers (paper Fig. 4) and metric-vs-ratio curves (Figs. 2 and 3)."""
+"""Figures: the layer map of removed sub-layers (paper Fig. 4), the per-step candidate scores, and metric-vs-ratio
+curves (Figs. 2 and 3)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,48 @@ def plot_layer_map(removed: Sequence[Unit], num_blocks: int, path: Path, *, titl
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_step_scores(steps: Sequence[dict], path: Path, *, title: str) -> Path:
+    """Every candidate's score at every step (record ``steps``), one column per step, log scale.
+
+    A complete distance is a filled dot, the removed unit's a larger black one; an aborted candidate's lower
+    bound is an open upward triangle (its distance lies at or above it). Steps without scores (random removal)
+    are left empty.
+    """
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 0.45 * len(steps) + 2.0), 20.0), 3.8))
+    drawn = {"complete": False, "bound": False}
+    for column, step in enumerate(steps, start=1):
+        complete = [c["distance"] for c in step.get("candidates", []) if c.get("distance") is not None]
+        bounds = [c["lower_bound"] for c in step.get("candidates", [])
+                  if c.get("distance") is None and c.get("lower_bound") is not None]
+        positive = [v for v in complete if v > 0]
+        if positive:
+            ax.scatter([column] * len(positive), positive, s=12, color=FFN_COLOR, alpha=0.7, linewidths=0,
+                       label=None if drawn["complete"] else "distance (scored on every sample)")
+            drawn["complete"] = True
+        bounds = [v for v in bounds if v > 0]
+        if bounds:
+            ax.scatter([column] * len(bounds), bounds, s=18, marker="^", facecolors="none",
+                       edgecolors=ATTENTION_COLOR, linewidths=0.8,
+                       label=None if drawn["bound"] else "lower bound (aborted early)")
+            drawn["bound"] = True
+        if step.get("distance"):
+            ax.scatter([column], [step["distance"]], s=30, color="black", zorder=3,
+                       label="removed" if column == 1 else None)
+    if drawn["complete"] or drawn["bound"]:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("distance to the original output")
+    ax.set_xticks(range(1, len(steps) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
 

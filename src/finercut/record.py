@@ -43,7 +43,7 @@ SCORER_NAMES = ("fast", "naive")
 class RunConfig:
     """Everything needed to re-run (or resume) a pruning run.
 
-    ``None`` in ``threads`` and ``batch_size`` means "this machine's thread count" and "all samples in one batch";
+    ``None`` in ``threads`` and ``batch_size`` means "this machine's thread count" and "one sample per batch";
     a run resolves them (and ``auto`` device and dtype) before writing ``run.json``, so the file states exactly
     what ran.
     """
@@ -76,6 +76,8 @@ class RunConfig:
     seed: int = 0
     batch_size: int | None = None
     scorer: str = "fast"
+    exhaustive: bool = False
+    """Score every candidate on every sample (no early abort; the same selection, every distance complete)."""
     threads: int | None = None
     save_model: bool = True
     shapley_permutations: int = 10

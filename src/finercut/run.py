@@ -36,7 +36,7 @@ from finercut.modelio import (
 )
 from finercut.evaluation.stats import kv_cache_summary
 from finercut.placement import resolve_device_map
-from finercut.plots import plot_layer_map
+from finercut.plots import plot_layer_map, plot_step_scores
 from finercut.record import (
     PROGRESS_FORMAT,
     RUN_FORMAT,
@@ -48,15 +48,16 @@ from finercut.record import (
     read_json,
     write_json_atomic,
 )
-from finercut.scoring import SCORERS, ScoringContext
+from finercut.scoring import DEFAULT_BATCH_SIZE, SCORERS, ScoringContext, describe_scoring
 from finercut.search import Step, greedy_search
 
 RUN_FILE = "run.json"
 PROGRESS_FILE = "progress.json"
 RECORD_FILE = "record.json"
 LAYER_MAP_FILE = "layer_map.png"
+STEP_SCORES_FILE = "step_scores.png"
 MODEL_DIR = "model"
-OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, MODEL_DIR)
+OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, STEP_SCORES_FILE, MODEL_DIR)
 
 Log = Callable[[str], None]
 
@@ -169,7 +170,7 @@ def prune(
     method: str = "finercut", metric: str = "js", granularity: str | None = None, only: str | None = None,
     input_ids: torch.Tensor | None = None,
     calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None, num_samples: int = 10,
-    seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast",
+    seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast", exhaustive: bool = False,
     window_until_ratio: float = 0.4, window_fraction: float = 0.4, window_first_block: int | None = None,
     progress: bool = True, shapley_permutations: int = 10, shapley_truncation: float | None = None,
 ) -> PruneResult:
@@ -196,8 +197,8 @@ def prune(
         window_until_ratio=window_until_ratio, window_fraction=window_fraction,
         window_first_block=window_first_block, calibration=calibration,
         data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
-        batch_size=batch_size, scorer=scorer, threads=torch.get_num_threads(), save_model=False,
-        shapley_permutations=shapley_permutations, shapley_truncation=shapley_truncation,
+        batch_size=batch_size, scorer=scorer, exhaustive=exhaustive, threads=torch.get_num_threads(),
+        save_model=False, shapley_permutations=shapley_permutations, shapley_truncation=shapley_truncation,
     )
     adapter = adapter_for(model)
     num_blocks = adapter.num_blocks(model)
@@ -326,7 +327,9 @@ def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
     return config.replace(
         model=model, device=device, dtype=dtype, data_dir=str(data_dir) if data_dir else None,
         device_map=resolve_device_map(config.device_map),
-        calibration=calibration, threads=threads, batch_size=config.batch_size or config.num_samples,
+        calibration=calibration, threads=threads,
+        # Resuming keeps the saved run's batch size (older runs used all samples in one batch).
+        batch_size=config.batch_size or (saved.batch_size if saved else None) or DEFAULT_BATCH_SIZE,
     )
 
 
@@ -460,6 +463,7 @@ def run_in_folder(
     write_json_atomic(output_dir / RECORD_FILE, record)
     plot_layer_map([s.unit for s in steps], num_blocks, output_dir / LAYER_MAP_FILE,
                    title=layer_map_title(record))
+    plot_step_scores(record["steps"], output_dir / STEP_SCORES_FILE, title=layer_map_title(record))
     result = PruneResult(steps=steps, record=record, output_dir=output_dir, model=model, tokenizer=tokenizer,
                          resumed_steps=len(completed))
     if config.save_model:

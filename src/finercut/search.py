@@ -2,17 +2,71 @@
 
 Start from the full model; at each step score every remaining candidate by how far removing it (on top of what
 is already removed) moves the output from the original model's, and remove the one that moves it least. How a
-candidate is scored (prefix cache or full forwards) is the scorer's business, see :mod:`finercut.scoring`.
+candidate is scored (prefix cache, early abort, full forwards) is the scorer's business, see
+:mod:`finercut.scoring`: a scorer may stop scoring a candidate once a lower bound of its distance exceeds the
+best complete distance of the step, so such a candidate carries its bound instead of its distance.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from finercut.candidates import Unit, all_units, select_least, step_candidates
 from finercut.distances import NonFiniteOutputError
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """One candidate's result in a step: its full distance, or (aborted) a lower bound of it.
+
+    Unpacks as ``unit, distance`` (``distance`` is None for an aborted candidate).
+    """
+
+    unit: Unit
+    distance: float | None
+    """Mean distance over every calibration position; None if scoring stopped early."""
+    lower_bound: float | None = None
+    """Aborted: the partial sum over the samples seen, divided by all positions (<= the distance)."""
+    samples: int | None = None
+    """Calibration samples evaluated (None in records written before this was counted)."""
+    batch_sums: tuple[float, ...] | None = None
+    """A complete candidate's distance summed per calibration batch (the fast scorer scores the next step's
+    samples in the order these suggest); None where not kept."""
+
+    @property
+    def aborted(self) -> bool:
+        return self.distance is None and self.lower_bound is not None
+
+    @property
+    def value(self) -> float | None:
+        """The distance, or the lower bound of an aborted candidate (what orders the next step's candidates)."""
+        return self.distance if self.distance is not None else self.lower_bound
+
+    def __iter__(self) -> Iterator:  # ``unit, distance = score``, as before aborted candidates existed
+        yield self.unit
+        yield self.distance
+
+    def to_dict(self) -> dict:
+        data = {**self.unit.to_dict(), "distance": self.distance}
+        if self.aborted:
+            data["lower_bound"] = self.lower_bound
+        if self.samples is not None:
+            data["samples"] = self.samples
+        if self.batch_sums is not None:
+            data["batch_sums"] = list(self.batch_sums)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CandidateScore":
+        samples, sums = data.get("samples"), data.get("batch_sums")
+        return cls(Unit.from_dict(data), _optional_float(data["distance"]), _optional_float(data.get("lower_bound")),
+                   None if samples is None else int(samples), None if sums is None else tuple(map(float, sums)))
+
+
+def _as_score(entry: CandidateScore | tuple) -> CandidateScore:
+    return entry if isinstance(entry, CandidateScore) else CandidateScore(*entry)
 
 
 @dataclass(frozen=True)
@@ -23,11 +77,20 @@ class Step:
     unit: Unit
     distance: float | None
     """The selected unit's score (None for random removal)."""
-    candidates: tuple[tuple[Unit, float], ...]
-    """Every candidate's distance this step, in search order."""
+    candidates: tuple[CandidateScore, ...]
+    """Every candidate's score this step, in search order (``(unit, distance)`` pairs are converted)."""
     window_first_block: int
     block_executions: int
     seconds: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(_as_score(entry) for entry in self.candidates))
+
+    @property
+    def samples_evaluated(self) -> int | None:
+        """Calibration samples evaluated over all candidates (None if not counted)."""
+        counts = [c.samples for c in self.candidates]
+        return None if any(n is None for n in counts) else sum(counts)
 
     def to_dict(self) -> dict:
         return {
@@ -37,7 +100,9 @@ class Step:
             "window_first_block": self.window_first_block,
             "block_executions": self.block_executions,
             "seconds": self.seconds,
-            "candidates": [{**unit.to_dict(), "distance": distance} for unit, distance in self.candidates],
+            "samples_evaluated": self.samples_evaluated,
+            "aborted": sum(c.aborted for c in self.candidates),
+            "candidates": [candidate.to_dict() for candidate in self.candidates],
         }
 
     @classmethod
@@ -46,7 +111,7 @@ class Step:
             index=int(data["step"]),
             unit=Unit.from_dict(data["removed"]),
             distance=_optional_float(data["distance"]),
-            candidates=tuple((Unit.from_dict(c), _optional_float(c["distance"])) for c in data["candidates"]),
+            candidates=tuple(CandidateScore.from_dict(c) for c in data["candidates"]),
             window_first_block=int(data["window_first_block"]),
             block_executions=int(data["block_executions"]),
             seconds=float(data["seconds"]),
@@ -64,9 +129,13 @@ class Scorer(Protocol):
         """Prepare to continue after ``removed`` (resuming) as if the steps had just run."""
 
     def score(
-        self, removed: Sequence[Unit], candidates: Sequence[Unit], *,
+        self, removed: Sequence[Unit], candidates: Sequence[Unit], *, previous: Sequence[CandidateScore] = (),
         on_candidate: Callable[[Unit, float], None] | None = None,
-    ) -> list[tuple[Unit, float]]: ...
+    ) -> list[CandidateScore]:
+        """Score ``candidates`` given ``removed``: every candidate completely, or at least the one
+        :func:`select_least` picks among the complete ones, the others with a lower bound above its distance
+        (or equal to it with a later unit order). The result is in the order of ``candidates``; ``previous``
+        (the last step's scores) may guide the order of the work, never its result."""
 
 
 def greedy_search(
@@ -87,7 +156,8 @@ def greedy_search(
             ``window_first_block`` on are candidates (paper: 0.4 and ceil(0.4 L)).
         completed: steps already done (resuming); they are not evaluated again.
         on_step: called after every step, e.g. to save progress.
-        on_candidate: called after every scored candidate, e.g. for a progress bar.
+        on_candidate: called after every scored candidate with its distance (or its bound, if aborted), e.g. for
+            a progress bar.
 
     Returns:
         All steps, ``completed`` included, in order.
@@ -105,10 +175,13 @@ def greedy_search(
         )
         started, executions_before = time.perf_counter(), scorer.block_executions
         try:
-            scored = scorer.score(removed, candidates, on_candidate=on_candidate)
+            scored = scorer.score(removed, candidates, previous=steps[-1].candidates if steps else (),
+                                  on_candidate=on_candidate)
         except NonFiniteOutputError as error:
             raise NonFiniteOutputError(f"step {len(steps) + 1}: {error}") from error
-        unit, distance = select_least(scored)
+        # An aborted candidate's bound is above the winner's distance (or equal with a later unit order): it
+        # could neither be smaller nor win a tie.
+        unit, distance = select_least([(c.unit, c.distance) for c in scored if c.distance is not None])
         step = Step(
             index=len(steps), unit=unit, distance=distance, candidates=tuple(scored),
             window_first_block=first_block, block_executions=scorer.block_executions - executions_before,

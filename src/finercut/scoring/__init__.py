@@ -1,0 +1,59 @@
+"""Scoring candidates: how far the model's output moves when one more unit is removed (EvalOutputChange).
+
+Two scorers with the same interface and the same selections:
+
+* :class:`FastScorer` (:mod:`~finercut.scoring.replay`): prefix-cached replay of the blocks after the
+  candidate, exact early abort (:mod:`~finercut.scoring.bounds`) and, for angular and Euclidean with a plain
+  linear head, distances without the vocabulary (:mod:`~finercut.scoring.gram`).
+* :class:`NaiveScorer` (:mod:`~finercut.scoring.naive`): a full forward per candidate and the plain distance
+  functions; the reference the fast path is tested against.
+
+Both compare with the **original** model's output, computed once (:mod:`~finercut.scoring.context`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from finercut.scoring.bounds import BoundedSum, best_first, lower_bound, sample_order
+from finercut.scoring.context import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_REFERENCE_BYTES,
+    BlockCall,
+    CalibrationBatch,
+    ReferenceOutput,
+    ScoringContext,
+    Work,
+    capture_calibration,
+    check_finite,
+    run_block,
+)
+from finercut.scoring.gram import DISTANCE_PATHS, FULL_HEAD, GRAM, GramReference, gram_applies
+from finercut.scoring.naive import NaiveScorer
+from finercut.scoring.replay import FastScorer
+
+SCORERS: dict[str, Callable[..., Any]] = {"fast": FastScorer, "naive": NaiveScorer}
+"""Scorer name -> class; both take ``(context, *, exhaustive=...)``."""
+
+
+def describe_scoring(context: ScoringContext, *, scorer: str, exhaustive: bool) -> dict:
+    """What the record says about how candidates were scored."""
+    fast = scorer == "fast"
+    path = GRAM if fast and gram_applies(context) else FULL_HEAD
+    return {
+        "scorer": scorer,
+        "distance_path": path,
+        "distance_path_description": DISTANCE_PATHS[path],
+        "early_abort": fast and not exhaustive,
+        "samples_per_batch": context.batches[0].num_samples,
+        "num_samples": context.num_samples,
+    }
+
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_REFERENCE_BYTES", "DISTANCE_PATHS", "FULL_HEAD", "GRAM",
+    "SCORERS", "BlockCall", "BoundedSum", "CalibrationBatch", "FastScorer", "GramReference", "NaiveScorer",
+    "ReferenceOutput", "ScoringContext", "Work", "best_first", "capture_calibration", "check_finite",
+    "describe_scoring", "gram_applies", "lower_bound", "run_block", "sample_order",
+]
