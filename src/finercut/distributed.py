@@ -26,7 +26,7 @@ import torch
 
 from finercut.candidates import Unit
 from finercut.distances import NonFiniteOutputError
-from finercut.errors import ConfigError
+from finercut.errors import ConfigError, UserError
 
 TIMEOUT_ENV = "FINERCUT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 3600.0
@@ -274,7 +274,8 @@ class DistributedScorer:
         try:
             outcome: tuple = ("ok", work())
         except Exception as error:  # KeyboardInterrupt and SystemExit end the process: torchrun stops the rest
-            traceback.print_exc(file=sys.stderr)
+            if not isinstance(error, UserError):  # the failing rank keeps the traceback of what may be a bug
+                traceback.print_exc(file=sys.stderr)
             outcome = ("error", type(error).__name__, str(error), isinstance(error, NonFiniteOutputError))
         try:
             gathered = world.all_gather((outcome, self.inner.block_executions))
