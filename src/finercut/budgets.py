@@ -281,3 +281,62 @@ def measure_sublayer_latency(model: nn.Module, input_ids: torch.Tensor, *, repea
             handle.remove()
     medians = {unit: statistics.median(values) for unit, values in times.items()}
     return medians, max(0.0, statistics.median(totals) - sum(medians.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run's costs: counted (and latency measured) once before the search, saved with its progress and record
+
+
+LATENCY_REPEATS = 5
+
+
+def count_run_costs(model: nn.Module, input_ids: torch.Tensor, *, macs_context: int,
+                    repeats: int = LATENCY_REPEATS) -> dict:
+    """Every measure's dense total and per-sub-layer savings of a dense model, as JSON (``cost_model``).
+
+    Latency is measured here, on the model's device with the current thread count, over ``input_ids``
+    (``[batch, seq]``, e.g. one calibration sample); a resumed run reuses the saved figures instead, so that its
+    selections are the ones the interrupted run would have made.
+    """
+    from finercut.placement import input_device
+
+    seconds, rest = measure_sublayer_latency(model, input_ids.to(input_device(model)), repeats=repeats)
+    models = {"params": cost_model(model, "params"), "macs": cost_model(model, "macs", context_length=macs_context),
+              "kv_cache": cost_model(model, "kv_cache"), "latency": latency_cost_model(seconds, rest)}
+    units = sorted(models["params"].savings, key=lambda unit: unit.sort_key)
+    return {
+        "macs_context": macs_context,
+        "dense": {measure: models[measure].dense_total for measure in MEASURES},
+        "savings": [{**unit.to_dict(), **{measure: models[measure].savings[unit] for measure in MEASURES}}
+                    for unit in units],
+        "latency": {"device": str(input_device(model)),
+                    "threads": torch.get_num_threads(), "repeats": repeats,
+                    "input_shape": list(input_ids.shape), "rest_seconds": rest},
+    }
+
+
+def cost_models_of(costs: Mapping) -> dict[str, CostModel]:
+    """The :class:`CostModel` of every measure from :func:`count_run_costs`'s JSON."""
+    return {measure: CostModel(measure, costs["dense"][measure],
+                               {Unit.from_dict(entry): entry[measure] for entry in costs["savings"]})
+            for measure in MEASURES}
+
+
+def cost_trajectory(costs: Mapping, removed: Sequence[Unit]) -> list[dict]:
+    """Per step, the fraction of the dense model's cost left under every measure (``{"step": 1, "params":
+    0.9, "macs": ..., "kv_cache": ..., "latency": ...}``)."""
+    models = cost_models_of(costs)
+    paths = {measure: models[measure].trajectory(removed) for measure in MEASURES}
+    return [{"step": i + 1, **{measure: paths[measure][i] for measure in MEASURES}} for i in range(len(removed))]
+
+
+def minimal_steps(cost: CostModel, units: Sequence[Unit], fraction: float) -> int:
+    """The fewest removals among ``units`` that could meet the target (largest savings first): a lower bound of
+    the run's steps, for a progress bar's total."""
+    savings = sorted((cost.saving(unit) for unit in units), reverse=True)
+    remaining = cost.dense_total
+    for count, saving in enumerate(savings):
+        if target_met(remaining, cost.dense_total, fraction):
+            return count
+        remaining -= saving
+    return len(savings)

@@ -63,7 +63,8 @@ def _add_prune_parser(commands) -> None:
         "prune", help="find the sub-layers to remove and write record, layer map and pruned model",
         description="Run FinerCut's greedy search (or a baseline) and write run.json, progress.json, record.json, "
                     "layer_map.png and the pruned model (model/) into --output. Re-running the same command on "
-                    "the same folder resumes it; a larger --ratio extends a finished run.",
+                    "the same folder resumes it; a larger --ratio (or a smaller --target-* fraction) extends a "
+                    "finished run.",
     )
     parser.add_argument("--output", "-o", required=True, help="run folder")
     _add_model_options(parser)
@@ -72,6 +73,12 @@ def _add_prune_parser(commands) -> None:
     target.add_argument("--ratio", type=float, help="layer pruning ratio r in (0, 1): removes round(r*2L) sub-layers "
                                                     "(round(r*L) blocks); default 0.25")
     target.add_argument("--count", type=int, help="number of units to remove instead of a ratio")
+    for measure, what in COST_OPTIONS.items():
+        target.add_argument(f"--target-{measure.replace('_', '-')}", dest=f"target_{measure}", type=float,
+                            metavar="F", help=f"cost target: remove the least distance per {what} saved until the "
+                                              f"model has at most F (in (0, 1)) of the dense model's {what}")
+    search.add_argument("--context", dest="cost_context", type=int, metavar="T",
+                        help="with --target-macs: the context length (tokens of one forward pass) MACs count for")
     search.add_argument("--method", help="finercut (default), shortgpt, deeper_layers, random, shapley (one shot by "
                                           "lowest Shapley value of the output distance), blockpruner (greedy by "
                                           "calibration perplexity)")
@@ -112,26 +119,36 @@ def _add_prune_parser(commands) -> None:
     _add_recovery_options(parser)
 
 
+COST_OPTIONS = {"params": "parameters", "macs": "MACs (with --context T)", "kv_cache": "KV-cache bytes per token",
+                "latency": "latency (measured per sub-layer on the run's device before the search)"}
+"""Cost-target options (--target-params, ...) and what each counts (finercut.budgets)."""
+TARGET_OPTIONS = ("ratio", "count", "cost_target", "cost_fraction")
+
 RUN_CONFIG_OPTIONS = (
     "model", "revision", "dtype", "device", "device_map", "threads", "ratio", "count", "method", "metric",
     "granularity", "scorer", "window_until_ratio", "window_fraction", "window_first_block", "calibration", "data_dir",
     "num_samples", "seq_len", "seed", "batch_size", "save_model", "only", "shapley_permutations", "shapley_truncation",
-    "exhaustive",
+    "exhaustive", "cost_context",
 )
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config: options given on the command line over the saved run's (``--resume``) or the defaults."""
     given = {name: getattr(args, name) for name in RUN_CONFIG_OPTIONS if getattr(args, name, None) is not None}
+    for measure in COST_OPTIONS:  # argparse keeps them mutually exclusive with each other and --ratio/--count
+        if getattr(args, f"target_{measure}", None) is not None:
+            given.update(cost_target=measure, cost_fraction=getattr(args, f"target_{measure}"))
     run_file = Path(args.output) / "run.json"
     if args.resume:
         if not run_file.is_file():
             raise ConfigError(f"--resume: {args.output} holds no run to resume (no run.json)")
         base = read_json(run_file)["config"]
-        if "ratio" in given or "count" in given:
-            base.update(ratio=None, count=None)
+        if any(name in given for name in TARGET_OPTIONS):
+            base.update(ratio=None, count=None, cost_target=None, cost_fraction=None)
+            if given.get("cost_target") != "macs":
+                base.pop("cost_context", None)
         return RunConfig.from_dict({**base, **given})
-    if "ratio" not in given and "count" not in given:
+    if not any(name in given for name in TARGET_OPTIONS):
         given["ratio"] = 0.25
     return RunConfig(**given)
 
@@ -183,6 +200,11 @@ def summarize_record(record: dict, output_dir: Path | None = None) -> str:
         f"sub-layer ratio reached {reached['sublayer_ratio']:.2%}",
         "order: " + ", ".join(str(Unit.from_dict(step["removed"])) for step in record["steps"]),
     ]
+    target = record.get("cost_target")
+    if target:
+        lines.append(f"cost target: {target['measure']} <= {target['fraction']:.1%} of the dense model"
+                     + (f" (MACs over {target['context']} tokens)" if target.get("context") else "")
+                     + f"; reached {target['reached']:.2%} after {len(record['steps'])} steps")
     timings = record.get("timings", {})
     if "search_seconds" in timings:
         lines.append(f"search time: {timings['search_seconds']:.1f} s (+ {timings['reference_seconds']:.1f} s "
@@ -198,12 +220,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     record_file = folder / "record.json" if folder.is_dir() else folder
     if not record_file.is_file():
         raise FileNotFoundError(f"no record.json in {args.run}")
-    print(summarize_record(read_json(record_file), folder if folder.is_dir() else None))
+    record = read_json(record_file)
+    print(summarize_record(record, folder if folder.is_dir() else None))
+    front = pareto_lines(record)
+    if front:
+        print("\n".join(front))
     if args.steps:
-        record = read_json(record_file)
         for step in record["steps"]:
             print(format_step(step, record.get("calibration", {}).get("num_samples")))
     return 0
+
+
+def pareto_lines(record: dict) -> list[str]:
+    """The Pareto front of a cost-target run, distance against the target's cost (steps no other step beats on
+    both), with every measure's fraction; nothing for a run without a cost trajectory."""
+    from finercut.budgets import MEASURES, pareto_front
+
+    trajectory, target = record.get("cost_trajectory"), record.get("cost_target")
+    if not trajectory or not target:
+        return []
+    measure = target["measure"]
+    scored = [(row, step) for row, step in zip(trajectory, record["steps"]) if step.get("distance") is not None]
+    front = pareto_front([(row[measure], step["distance"]) for row, step in scored])
+    lines = [f"Pareto front, distance vs {measure} ({len(front)} of {len(scored)} steps; costs as fractions of "
+             "the dense model):",
+             "  step  removed          distance  " + "  ".join(f"{m:>8s}" for m in MEASURES)]
+    for index in front:
+        row, step = scored[index]
+        unit = Unit.from_dict(step["removed"])
+        lines.append(f"  {row['step']:4d}  {str(unit):<15s}  {step['distance']:9.4g}  "
+                     + "  ".join(f"{row[m]:8.2%}" if m in row else f"{'-':>8s}" for m in MEASURES))
+    return lines
 
 
 def format_step(step: dict, num_samples: int | None) -> str:

@@ -62,8 +62,15 @@ class RunConfig:
     """attention or ffn: only sub-layers of that kind are candidates, and ratio counts them (L units)."""
     metric: str = "js"
     ratio: float | None = None
-    """Layer pruning ratio r; removes round(r * units). Exactly one of ratio and count."""
+    """Layer pruning ratio r; removes round(r * units). Exactly one of ratio, count and cost_target."""
     count: int | None = None
+    cost_target: str | None = None
+    """params, macs, kv_cache or latency: remove the least distance per cost saved until the model costs at
+    most cost_fraction of the dense model under this measure (finercut.budgets)."""
+    cost_fraction: float | None = None
+    """The cost target as a fraction of the dense model, in (0, 1)."""
+    cost_context: int | None = None
+    """macs: the context length (tokens of one forward pass) the MACs are counted for."""
     window_until_ratio: float = 0.4
     window_fraction: float = 0.4
     """While the window applies, candidates come from blocks >= ceil(window_fraction * L)."""
@@ -99,8 +106,9 @@ class RunConfig:
                                   f"({', '.join(ONLY_METHODS)}), not {self.method} with {self.granularity}")
         _check_choice("metric", self.metric, tuple(METRICS))
         _check_choice("scorer", self.scorer, SCORER_NAMES)
-        if (self.ratio is None) == (self.count is None):
-            raise ConfigError("give exactly one of ratio and count")
+        if sum(value is not None for value in (self.ratio, self.count, self.cost_target)) != 1:
+            raise ConfigError("give exactly one of ratio, count and a cost target")
+        self._check_cost_target()
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.count is not None and self.count < 1:
@@ -116,8 +124,31 @@ class RunConfig:
             if value is not None and value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, got {value}")
 
+    def _check_cost_target(self) -> None:
+        from finercut.budgets import MEASURES
+
+        if self.cost_target is None:
+            if self.cost_fraction is not None or self.cost_context is not None:
+                raise ConfigError("cost_fraction and cost_context need a cost target (--target-params, "
+                                  "--target-macs, --target-kv-cache or --target-latency)")
+            return
+        _check_choice("cost_target", self.cost_target, MEASURES)
+        if self.cost_fraction is None or not 0.0 < self.cost_fraction < 1.0:
+            raise ConfigError(f"a cost target is a fraction of the dense model in (0, 1), got {self.cost_fraction}")
+        if self.cost_target == "macs":
+            if self.cost_context is None or self.cost_context < 1:
+                raise ConfigError("a MACs target needs the context length it is counted for: --context T "
+                                  f"(tokens, at least 1), got {self.cost_context}")
+        elif self.cost_context is not None:
+            raise ConfigError(f"--context is the context length of a MACs target; a {self.cost_target} target "
+                              "does not use it")
+        if self.method != "finercut":
+            raise ConfigError(f"a cost target needs method finercut (the distance-per-cost search), not {self.method}")
+
     def target(self, num_blocks: int) -> int:
         """Units to remove from a model with ``num_blocks`` blocks (at least one, and never all of them)."""
+        if self.cost_target is not None:
+            raise ConfigError("a cost target is met after a number of units known only once the costs are counted")
         total_units = count_units(num_blocks, self.granularity, self.only)
         count = self.count if self.count is not None else target_count(self.ratio, total_units)
         if count >= total_units:
@@ -155,7 +186,10 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
-TARGET_FIELDS = ("ratio", "count")
+TARGET_FIELDS = ("ratio", "count", "cost_fraction")
+"""Fields a run may change to extend itself: the count (ratio or count) or, keeping the same cost measure, the
+fraction (a smaller fraction extends a finished run). A change of cost measure, or between a cost target and a
+count, changes the selection rule: it is a difference."""
 SELECTED_PER_TARGET = ("deeper_layers",)
 """Methods whose selection for n units need not contain the one for n-1: a run cannot be extended."""
 
@@ -163,7 +197,8 @@ SELECTED_PER_TARGET = ("deeper_layers",)
 def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
     """Fields in which two run configs differ, as ``name: saved -> new`` lines.
 
-    The target (ratio or count) may differ where a larger one extends the run (prefix-consistent methods).
+    The target (ratio or count; the fraction of a cost target) may differ where a larger one extends the run
+    (prefix-consistent methods).
     """
     ignored = () if saved.method in SELECTED_PER_TARGET else TARGET_FIELDS
     return [
@@ -275,4 +310,16 @@ def prefix_record(record: dict, count: int) -> dict:
         "target": {"count": count, "ratio": None},
         "reached": removal_summary(units, num_blocks=num_blocks, granularity=record["granularity"]),
         "prefix_of": {"count": len(record["removed"])},
+        **_cost_prefix(record, count),
     }
+
+
+def _cost_prefix(record: dict, count: int) -> dict:
+    """A cost-target record's trajectory cut to the prefix (the prefix need not meet the run's target)."""
+    if not record.get("cost_trajectory"):
+        return {}
+    trajectory = record["cost_trajectory"][:count]
+    target = record.get("cost_target")
+    if target:
+        target = {**target, "reached": trajectory[-1][target["measure"]] if trajectory else 1.0}
+    return {"cost_trajectory": trajectory, "cost_target": target}

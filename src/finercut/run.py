@@ -49,7 +49,7 @@ from finercut.record import (
     write_json_atomic,
 )
 from finercut.scoring import DEFAULT_BATCH_SIZE, SCORERS, ScoringContext, describe_scoring
-from finercut.search import Step, greedy_search
+from finercut.search import Budget, Step, greedy_search
 
 RUN_FILE = "run.json"
 PROGRESS_FILE = "progress.json"
@@ -97,11 +97,14 @@ def planned_evaluations(*, num_blocks: int, config: RunConfig, done: int, target
 
 
 def find_steps(
-    context: ScoringContext, config: RunConfig, *, num_blocks: int, target: int, completed: Sequence[Step] = (),
-    on_step: Callable[[Step], None] | None = None, progress: bool = False, extras: dict | None = None,
+    context: ScoringContext, config: RunConfig, *, num_blocks: int, target: int | None,
+    completed: Sequence[Step] = (), on_step: Callable[[Step], None] | None = None, progress: bool = False,
+    extras: dict | None = None, budget: Budget | None = None,
 ) -> list[Step]:
     """Run ``config.method`` on a scoring context: the greedy search for FinerCut, one shot for baselines.
 
+    With a cost target, ``budget`` replaces ``target`` (FinerCut only); the progress bar then counts the
+    fewest steps that could meet it.
     Baselines select everything at once from the original model, so they ignore ``completed`` and ``on_step``.
     ``extras`` receives what a method adds to the record (Shapley: ``importance``, the values and their errors).
     """
@@ -131,6 +134,13 @@ def find_steps(
         window_first_block = config.first_candidate_block(num_blocks)
         if extras is not None:
             extras["scoring"] = describe_scoring(context, scorer=config.scorer, exhaustive=config.exhaustive)
+    search_target = target
+    if budget is not None:
+        from finercut.budgets import minimal_steps
+
+        units = [u for u in all_units(num_blocks, config.granularity, config.only) if u not in
+                 [step.unit for step in completed]]
+        target = len(completed) + max(1, minimal_steps(budget.cost, units, budget.fraction))  # the bar's guess
     bar = _progress_bar(num_blocks=num_blocks, config=config, done=len(completed), target=target, enabled=progress)
     state = {"step": len(completed)}
 
@@ -143,16 +153,17 @@ def find_steps(
     def after_step(step: Step) -> None:
         state["step"] = step.index + 1
         if speaks:
-            bar.write(f"step {step.index + 1}/{target}: removed {step.unit} (distance {step.distance:.6g}, "
+            of = f"{target}" if budget is None else f"{budget.cost.measure} <= {budget.fraction:.1%}"
+            bar.write(f"step {step.index + 1}/{of}: removed {step.unit} (distance {step.distance:.6g}, "
                       f"{step.seconds:.1f} s)")
         if on_step:
             on_step(step)
 
     try:
         return greedy_search(
-            DistributedScorer.wrap(scorer), num_blocks=num_blocks, granularity=config.granularity, target=target,
-            window_until_ratio=config.window_until_ratio, window_first_block=window_first_block,
-            completed=completed, on_step=after_step, on_candidate=on_candidate, only=config.only,
+            DistributedScorer.wrap(scorer), num_blocks=num_blocks, granularity=config.granularity,
+            target=search_target, window_until_ratio=config.window_until_ratio, window_first_block=window_first_block,
+            completed=completed, on_step=after_step, on_candidate=on_candidate, only=config.only, budget=budget,
         )
     finally:
         bar.close()
@@ -272,6 +283,8 @@ class FolderState:
     calibration_sha256: str | None = None
     model_identity: dict | None = None
     holds_files: bool = False
+    cost_model: dict | None = None
+    """A cost-target run: the costs counted (and latency measured) before its first step."""
 
 
 def inspect_output(output_dir: Path, *, parse: bool = True) -> FolderState:
@@ -299,7 +312,8 @@ def inspect_output(output_dir: Path, *, parse: bool = True) -> FolderState:
             f"{output_dir / RUN_FILE} or its progress file is unreadable ({error}); pass --overwrite to start over"
         ) from error
     return FolderState(saved_config, completed, progress.get("calibration_sha256") if progress else None,
-                       progress.get("model_identity") if progress else None, True)
+                       progress.get("model_identity") if progress else None, True,
+                       progress.get("cost_model") if progress else None)
 
 
 def discard_run_files(output_dir: Path) -> None:
@@ -367,12 +381,14 @@ def run_in_folder(
     model_config = load_config(source)
     adapter = adapter_for_config(model_config)
     num_blocks = int(getattr(model_config, adapter.num_layers))
-    target = config.target(num_blocks)
+    target = None if config.cost_target else config.target(num_blocks)
+    if config.cost_target and state.cost_model is not None and state.completed:
+        target = _steps_meeting(state, config, output_dir)  # None: not met yet, the search goes on
     config.first_candidate_block(num_blocks)
     check_context_length(model_config, config.seq_len)
     identity = model_identity(source, model_config)
     check_same_model(state, identity, output_dir, log)
-    if len(state.completed) > target:
+    if target is not None and len(state.completed) > target:
         raise ConfigError(
             f"{output_dir} already removed {len(state.completed)} units; a smaller target ({target}) needs a new "
             "--output folder (a shorter greedy run is a prefix of this one: see 'finercut apply --count')"
@@ -397,6 +413,9 @@ def run_in_folder(
         )
     model, model_info = load_model(source, dtype=config.dtype, device=config.device, device_map=config.device_map)
     model_info["identity"] = identity
+    cost_model, budget = None, None
+    if config.cost_target:  # counted and measured before the search; a resumed run keeps its saved figures
+        cost_model, budget = _run_budget(model, config, input_ids, state, num_blocks, world)
 
     world.barrier()  # every rank has read the folder and passed validation before rank 0 changes it
     if world.is_writer:
@@ -404,8 +423,11 @@ def run_in_folder(
             discard_run_files(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
+    what = 'blocks' if config.granularity == 'block' else 'sub-layers'
+    amount = (f"{what} until {config.cost_target} <= {config.cost_fraction:.1%} of the dense model" if budget
+              else f"{target} {what}")
     log(f"finercut: {config.method} on {model_info['id']} ({adapter.name}, {num_blocks} blocks), removing "
-        f"{target} {'blocks' if config.granularity == 'block' else 'sub-layers'}; output in {output_dir}")
+        f"{amount}; output in {output_dir}")
     # Baselines select everything at once from the original model: nothing of an earlier run carries over.
     one_shot = config.method != "finercut"
     completed = [] if one_shot else list(state.completed)
@@ -419,6 +441,7 @@ def run_in_folder(
             "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
             "model_identity": identity,
             "steps": [step.to_dict() for step in steps],
+            **({"cost_model": cost_model} if cost_model else {}),
         })
 
     steps_so_far = list(completed)
@@ -431,25 +454,29 @@ def run_in_folder(
     started = time.perf_counter()
     reference_seconds = 0.0
     rank_block_executions = None  # this invocation's work per rank, like its timings
-    if len(completed) == target:  # the search finished earlier; only its outputs are missing
-        steps = completed
+    if len(completed) == target or (budget is not None and budget.met([step.unit for step in completed])):
+        steps = completed  # the search finished earlier; only its outputs are missing
     else:
         context = ScoringContext.build(model, adapter, metric_named(config.metric), input_ids,
                                        batch_size=config.batch_size)
         reference_seconds = time.perf_counter() - started
         try:
-            steps = find_steps(context, config, num_blocks=num_blocks, target=target, completed=completed,
-                               on_step=save_progress, progress=progress, extras=extras)
+            steps = find_steps(context, config, num_blocks=num_blocks, target=None if budget else target,
+                               completed=completed, on_step=save_progress, progress=progress, extras=extras,
+                               budget=budget)
             rank_block_executions = world.all_gather(context.block_executions)
         finally:
             context.close()
         if one_shot:
             write_progress(steps)
 
+    if cost_model:
+        extras.update(cost_record(cost_model, config, [step.unit for step in steps]))
     record = build_record(
         config=config, model_info=model_info, calibration_info=calibration_info,
         environment=environment_info(threads=config.threads, device=config.device), steps=steps,
-        num_blocks=num_blocks, target=target, window_first_block=config.first_candidate_block(num_blocks),
+        num_blocks=num_blocks, target=len(steps) if budget else target,
+        window_first_block=config.first_candidate_block(num_blocks),
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds,
                  "resumed_steps": len(completed), "block_executions_by_rank": rank_block_executions},
@@ -470,6 +497,57 @@ def run_in_folder(
         result.notes.append(save_pruned_model(result, num_blocks=num_blocks).format())
     world.barrier()
     return result
+
+
+def _steps_meeting(state: FolderState, config: RunConfig, output_dir: Path) -> int | None:
+    """Resuming or extending a cost-target run: how many of its finished steps the target needs (None: more).
+
+    A larger fraction than the run reached first is refused like a smaller ``--ratio``: its run is a prefix."""
+    from finercut.budgets import cost_models_of
+
+    budget = Budget(cost_models_of(state.cost_model)[config.cost_target], config.cost_fraction)
+    needed = budget.steps_to_meet([step.unit for step in state.completed])
+    if needed is not None and needed < len(state.completed):
+        raise ConfigError(
+            f"{output_dir} already removed {len(state.completed)} units; a {config.cost_target} target of "
+            f"{config.cost_fraction:.1%} was met after {needed} of them and needs a new --output folder (a shorter "
+            f"greedy run is a prefix of this one: see 'finercut apply --count {needed}')"
+        )
+    return needed
+
+
+def _run_budget(model: nn.Module, config: RunConfig, input_ids: torch.Tensor, state: FolderState,
+                num_blocks: int, world: Any) -> tuple[dict, Budget]:
+    """The run's costs (saved ones when resuming) and its budget; refuses an unreachable target before scoring.
+
+    Under torchrun every rank uses rank 0's figures: measured latencies differ between ranks, and the ranks
+    must select the same units."""
+    from finercut.budgets import cost_models_of, count_run_costs
+
+    costs = state.cost_model
+    if costs is None:
+        costs = count_run_costs(model, input_ids[:1], macs_context=config.cost_context or config.seq_len)
+        costs = world.all_gather(costs)[0]
+    budget = Budget(cost_models_of(costs)[config.cost_target], config.cost_fraction)
+    try:
+        budget.check_reachable(all_units(num_blocks, config.granularity, config.only))
+    except ValueError as error:
+        raise ConfigError(f"{error}; choose a larger fraction" + (" or drop --only" if config.only else "")) from error
+    return costs, budget
+
+
+def cost_record(costs: dict, config: RunConfig, removed: Sequence[Unit]) -> dict:
+    """What a cost-target run adds to its record: the target, the counted costs, the trajectory per step."""
+    from finercut.budgets import cost_trajectory
+
+    trajectory = cost_trajectory(costs, removed)
+    return {
+        "cost_target": {"measure": config.cost_target, "fraction": config.cost_fraction,
+                        "context": config.cost_context,
+                        "reached": trajectory[-1][config.cost_target] if trajectory else 1.0},
+        "cost_model": costs,
+        "cost_trajectory": trajectory,
+    }
 
 
 def _silent(message: str) -> None:

@@ -5,6 +5,12 @@ is already removed) moves the output from the original model's, and remove the o
 candidate is scored (prefix cache, early abort, full forwards) is the scorer's business, see
 :mod:`finercut.scoring`: a scorer may stop scoring a candidate once a lower bound of its distance exceeds the
 best complete distance of the step, so such a candidate carries its bound instead of its distance.
+
+Under a cost target (:mod:`finercut.budgets`) each step removes instead the candidate of least distance per
+unit of cost saved, until the model costs at most the target fraction of the dense model; the scorer is told
+the savings, so that it aborts a candidate only when its bound per cost exceeds the best complete distance per
+cost (exact, as in the plain rule). The paper's candidate window still counts units removed (it depends only on
+the removals so far, so a run for a larger fraction stays a prefix of one for a smaller fraction).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
+from finercut.budgets import CostModel, check_fraction, select_least_per_cost, target_met
 from finercut.candidates import Unit, all_units, select_least, step_candidates
 from finercut.distances import NonFiniteOutputError
 
@@ -130,20 +137,52 @@ class Scorer(Protocol):
 
     def score(
         self, removed: Sequence[Unit], candidates: Sequence[Unit], *, previous: Sequence[CandidateScore] = (),
-        on_candidate: Callable[[Unit, float], None] | None = None,
+        on_candidate: Callable[[Unit, float], None] | None = None, savings: Callable[[Unit], float] | None = None,
     ) -> list[CandidateScore]:
         """Score ``candidates`` given ``removed``: every candidate completely, or at least the one
         :func:`select_least` picks among the complete ones, the others with a lower bound above its distance
         (or equal to it with a later unit order). The result is in the order of ``candidates``; ``previous``
-        (the last step's scores) may guide the order of the work, never its result."""
+        (the last step's scores) may guide the order of the work, never its result. With ``savings`` (a cost
+        target, passed only then) the same holds for :func:`finercut.budgets.select_least_per_cost`, bounds and
+        distances divided by each candidate's saving."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost target: stop once the model costs at most ``fraction`` of the dense model under ``cost``."""
+
+    cost: CostModel
+    fraction: float
+
+    def __post_init__(self) -> None:
+        check_fraction(self.fraction)
+
+    def met(self, removed: Sequence[Unit]) -> bool:
+        return target_met(self.cost.remaining(removed), self.cost.dense_total, self.fraction)
+
+    def check_reachable(self, units: Sequence[Unit]) -> None:
+        """Raise ValueError if removing every candidate still leaves more than the target."""
+        floor = self.cost.remaining(units)
+        if not target_met(floor, self.cost.dense_total, self.fraction):
+            raise ValueError(f"a {self.cost.measure} target of {self.fraction:.1%} cannot be met: removing every "
+                             f"candidate leaves {floor / self.cost.dense_total:.1%} of the dense model")
+
+    def steps_to_meet(self, removed: Sequence[Unit]) -> int | None:
+        """The number of leading removals after which the target is first met (0: already), None if never."""
+        for count in range(len(removed) + 1):
+            if self.met(removed[:count]):
+                return count
+        return None
 
 
 def greedy_search(
-    scorer: Scorer, *, num_blocks: int, granularity: str, target: int, window_until_ratio: float,
+    scorer: Scorer, *, num_blocks: int, granularity: str, target: int | None = None, window_until_ratio: float,
     window_first_block: int, completed: Sequence[Step] = (), on_step: Callable[[Step], None] | None = None,
     on_candidate: Callable[[Unit, float], None] | None = None, only: str | None = None,
+    budget: Budget | None = None,
 ) -> list[Step]:
-    """Remove ``target`` units one at a time, each the one whose removal moves the output least.
+    """Remove ``target`` units one at a time, each the one whose removal moves the output least; or, with a
+    ``budget``, the one of least distance per cost saved until the budget is met.
 
     ``only`` (``"attention"`` / ``"ffn"``) restricts the candidates to one kind of sub-layer.
 
@@ -151,7 +190,11 @@ def greedy_search(
         scorer: scores candidates given what is already removed.
         num_blocks: decoder blocks L of the model.
         granularity: ``"sublayer"`` (2L candidates) or ``"block"`` (L candidates).
-        target: total units to have removed at the end.
+        target: total units to have removed at the end (exactly one of ``target`` and ``budget``).
+        budget: a cost target. Units that save nothing under it are never candidates; each step selects
+            :func:`finercut.budgets.select_least_per_cost` and the search stops at the first step after which
+            :meth:`Budget.met`. The window below still counts units; the same as
+            :func:`finercut.budgets.cost_aware_greedy` when the window is off (``window_first_block=0``).
         window_until_ratio: while at most this fraction of units is removed, only blocks from
             ``window_first_block`` on are candidates (paper: 0.4 and ceil(0.4 L)).
         completed: steps already done (resuming); they are not evaluated again.
@@ -162,13 +205,23 @@ def greedy_search(
     Returns:
         All steps, ``completed`` included, in order.
     """
+    if (target is None) == (budget is None):
+        raise ValueError("give exactly one of target and budget")
     units = all_units(num_blocks, granularity, only)
     steps = list(completed)
     removed = [step.unit for step in steps]
-    if removed and len(removed) < target:
+    if budget is not None:
+        budget.check_reachable(units)
+
+    def done() -> bool:
+        return budget.met(removed) if budget is not None else len(removed) >= target
+
+    if removed and not done():
         scorer.restore(removed)
-    while len(removed) < target:
-        remaining = [unit for unit in units if unit not in removed]
+    options = {} if budget is None else {"savings": budget.cost.saving}
+    while not done():
+        remaining = [unit for unit in units if unit not in removed
+                     and (budget is None or budget.cost.saving(unit) > 0)]
         candidates, first_block = step_candidates(
             remaining, removed_so_far=len(removed), total_units=len(units),
             window_until_ratio=window_until_ratio, window_first_block=window_first_block,
@@ -176,12 +229,16 @@ def greedy_search(
         started, executions_before = time.perf_counter(), scorer.block_executions
         try:
             scored = scorer.score(removed, candidates, previous=steps[-1].candidates if steps else (),
-                                  on_candidate=on_candidate)
+                                  on_candidate=on_candidate, **options)
         except NonFiniteOutputError as error:
             raise NonFiniteOutputError(f"step {len(steps) + 1}: {error}") from error
         # An aborted candidate's bound is above the winner's distance (or equal with a later unit order): it
-        # could neither be smaller nor win a tie.
-        unit, distance = select_least([(c.unit, c.distance) for c in scored if c.distance is not None])
+        # could neither be smaller nor win a tie. Under a budget the same holds for bound and distance per cost.
+        complete = [(c.unit, c.distance) for c in scored if c.distance is not None]
+        if budget is None:
+            unit, distance = select_least(complete)
+        else:
+            unit, distance = select_least_per_cost(complete, budget.cost.saving)
         step = Step(
             index=len(steps), unit=unit, distance=distance, candidates=tuple(scored),
             window_first_block=first_block, block_executions=scorer.block_executions - executions_before,

@@ -67,7 +67,7 @@ class BoundedSum:
 
 def best_first(
     units: Sequence[Unit], batch_sum: Callable[[Unit, int], float], *, num_batches: int, num_positions: int,
-    exhaustive: bool = False, hint: Sequence[Sequence[float]] = (),
+    exhaustive: bool = False, hint: Sequence[Sequence[float]] = (), savings: Callable[[Unit], float] | None = None,
 ) -> dict[Unit, BoundedSum]:
     """Score ``units`` batch by batch, always advancing the one with the smallest lower bound, until a complete
     one is smallest: the unit :func:`finercut.candidates.select_least` would pick from the complete scores.
@@ -78,9 +78,17 @@ def best_first(
     nor win a tie. Each unit's next batch is the first it has not seen in :func:`sample_order` of the complete
     sums so far (before any, of ``hint``: e.g. the previous step's complete candidates).
 
+    With ``savings`` (a cost target, :mod:`finercut.budgets`), units are ordered by ``(bound / saving,
+    sort_key)`` instead, and the unit on top when complete is the one
+    :func:`finercut.budgets.select_least_per_cost` would pick: a distance is at least its bound, and dividing by
+    the same positive saving keeps the order (rounded division is monotone), so every unit left behind has a
+    distance per cost above the winner's, or equal with a later sort key. The threshold is thus scaled per
+    candidate; the abort stays exact.
+
     Args:
         batch_sum: ``(unit, batch index) -> sum over the batch's positions`` (must be >= 0).
         exhaustive: score every unit on every batch (the plain path).
+        savings: ``unit -> cost its removal saves`` (> 0 for every unit): order by distance per cost saved.
 
     Returns:
         Per unit, the sums it was scored on.
@@ -105,10 +113,19 @@ def best_first(
             while len(sums[unit]) < num_batches:
                 advance(unit)
     else:
+        if savings is not None and not all(savings(unit) > 0 for unit in units):
+            raise ValueError("every candidate ranked by distance per cost must save a positive cost")
+
+        def rank(unit: Unit) -> float:
+            bound = lower_bound(list(sums[unit].values()), num_positions)
+            # The same division select_least_per_cost makes (distance_per_cost), so a complete unit's key
+            # equals its selection score bit for bit.
+            return bound if savings is None else bound / savings(unit)
+
         heap = [(0.0, unit.sort_key, position) for position, unit in enumerate(units)]
         heapq.heapify(heap)
         while heap and len(sums[units[heap[0][2]]]) < num_batches:
             _, key, position = heapq.heappop(heap)
             advance(units[position])
-            heapq.heappush(heap, (lower_bound(list(sums[units[position]].values()), num_positions), key, position))
+            heapq.heappush(heap, (rank(units[position]), key, position))
     return {unit: BoundedSum(sums[unit], complete=len(sums[unit]) == num_batches) for unit in units}

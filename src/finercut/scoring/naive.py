@@ -38,8 +38,9 @@ class NaiveScorer:
     @torch.inference_mode()
     def score(
         self, removed: Sequence[Unit], candidates: Sequence[Unit], *, previous: Sequence[CandidateScore] = (),
-        on_candidate: Callable[[Unit, float], None] | None = None,
+        on_candidate: Callable[[Unit, float], None] | None = None, savings: Callable[[Unit], float] | None = None,
     ) -> list[CandidateScore]:
+        """Score every candidate completely (``savings``, a cost target's, changes nothing: nothing is aborted)."""
         context = self.context
         results = []
         for unit in candidates:

@@ -49,8 +49,10 @@ class FastScorer:
     @torch.inference_mode()
     def score(
         self, removed: Sequence[Unit], candidates: Sequence[Unit], *, previous: Sequence[CandidateScore] = (),
-        on_candidate: Callable[[Unit, float], None] | None = None,
+        on_candidate: Callable[[Unit, float], None] | None = None, savings: Callable[[Unit], float] | None = None,
     ) -> list[CandidateScore]:
+        """Score ``candidates``; with ``savings`` (a cost target) the early abort keeps the candidate of least
+        distance per cost saved complete instead of the one of least distance (see :func:`best_first`)."""
         context = self.context
         num_batches = len(context.batches)
         self._invalidate_for(list(removed))
@@ -59,7 +61,8 @@ class FastScorer:
         with masked(context.model, context.adapter, removed):
             self._refresh()
             bounded = best_first(candidates, self._batch_sum, num_batches=num_batches,
-                                 num_positions=context.num_positions, exhaustive=self.exhaustive, hint=hint)
+                                 num_positions=context.num_positions, exhaustive=self.exhaustive, hint=hint,
+                                 savings=savings)
         results = []
         for unit in candidates:
             value = bounded[unit].value(context.num_positions)
