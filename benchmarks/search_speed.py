@@ -36,6 +36,10 @@ from finercut.scoring import FastScorer, NaiveScorer, ScoringContext, run_block
 from finercut.search import greedy_search
 
 
+BATCH = {"size": 1}
+"""Samples per batch (the early-abort granularity), from --batch-size."""
+
+
 def flop_costs(model, adapter, context: ScoringContext) -> dict:
     """Dense FLOPs of each block on one calibration batch, of the head per position, of a full forward."""
     batch = context.batches[0]
@@ -88,7 +92,7 @@ def split(work: dict) -> str:
 
 def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, window: dict) -> None:
     num_blocks = adapter.num_blocks(model)
-    contexts = {name: ScoringContext.build(model, adapter, metric_named(metric), input_ids)
+    contexts = {name: ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=BATCH["size"])
                 for name in ("fast", "naive")}
     flops = flop_costs(model, adapter, contexts["fast"])
     scorers = {"fast": FastScorer(contexts["fast"]), "naive": NaiveScorer(contexts["naive"])}
@@ -130,12 +134,63 @@ def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, wi
         context.close()
 
 
+def fast_vs_sampled_naive(model, adapter, input_ids, *, metric: str, steps: int, window: dict, sampled: int) -> None:
+    """Part 1 on a budget: the naive scorer timed on ``sampled`` candidates of each step (the fast path's own
+    candidates, after the fast path's removals), its step time extrapolated to all candidates (its cost per
+    candidate does not depend on the candidate: one full forward of every sample)."""
+    num_blocks = adapter.num_blocks(model)
+    contexts = {name: ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=BATCH["size"])
+                for name in ("fast", "naive")}
+    flops = flop_costs(model, adapter, contexts["fast"])
+    fast_scorer, naive_scorer = FastScorer(contexts["fast"]), NaiveScorer(contexts["naive"])
+    print(f"part 1 (naive sampled on {sampled} candidates per step): {steps} steps, metric {metric}, fast distance "
+          f"path {fast_scorer.distance_path}", flush=True)
+    done, totals, worst = [], {"fast": 0.0, "naive": 0.0, "fast_ffe": 0.0}, 0.0
+    for k in range(steps):
+        before, cpu_before = snapshot(contexts["fast"]), time.process_time()
+        done = greedy_search(fast_scorer, num_blocks=num_blocks, granularity="sublayer", target=k + 1,
+                             completed=done, **window)
+        fast_cpu = time.process_time() - cpu_before
+        fast_work = spent(before, snapshot(contexts["fast"]), flops)
+        step = done[k]
+        removed = [s.unit for s in done[:k]]
+        picked = [c.unit for c in step.candidates][:: max(1, len(step.candidates) // sampled)][:sampled]
+        started, cpu_before, before = time.perf_counter(), time.process_time(), snapshot(contexts["naive"])
+        naive_scores = naive_scorer.score(removed, picked)
+        naive_seconds = (time.perf_counter() - started) * len(step.candidates) / len(picked)
+        naive_cpu = (time.process_time() - cpu_before) * len(step.candidates) / len(picked)
+        naive_work = spent(before, snapshot(contexts["naive"]), flops)
+        fast_by_unit = {c.unit: c for c in step.candidates}
+        for score in naive_scores:
+            fast_score = fast_by_unit[score.unit]
+            if fast_score.distance is not None:
+                worst = max(worst, abs(fast_score.distance - score.distance) / score.distance)
+            else:
+                assert fast_score.lower_bound <= score.distance * (1 + 1e-5), (fast_score, score)
+        totals["fast"] += step.seconds
+        totals["naive"] += naive_seconds
+        totals["fast_ffe"] += fast_work["ffe"]
+        print(f"step {k + 1}: {len(step.candidates)} candidates, removed {step.unit}; fast {step.seconds:.1f} s wall, "
+              f"{fast_cpu:.0f} s CPU, {step.samples_evaluated} samples, "
+              f"{sum(c.aborted for c in step.candidates)} aborted; {split(fast_work)}\n"
+              f"  naive on {', '.join(map(str, picked))}: extrapolated to the step {naive_seconds:.1f} s wall, "
+              f"{naive_cpu:.0f} s CPU, {naive_work['ffe'] * len(step.candidates) / len(picked):.2f} full-forward "
+              f"equivalents; ratio naive/fast wall {naive_seconds / step.seconds:.1f}, CPU {naive_cpu / fast_cpu:.1f}",
+              flush=True)
+    print(f"total: fast {totals['fast']:.1f} s, naive (extrapolated) {totals['naive']:.1f} s, ratio "
+          f"{totals['naive'] / totals['fast']:.1f}; fast full-forward equivalents per removed sub-layer "
+          f"{totals['fast_ffe'] / steps:.2f}; largest relative difference fast vs naive on the sampled candidates "
+          f"scored completely {worst:.2e}; every sampled aborted bound <= its naive distance", flush=True)
+    for context in contexts.values():
+        context.close()
+
+
 def full_run(model, adapter, input_ids, *, metric: str, ratio: float, window: dict, max_steps: int | None) -> None:
     num_blocks = adapter.num_blocks(model)
     target = target_count(ratio, count_units(num_blocks, "sublayer"))
     planned = target if max_steps is None else min(target, max_steps)
     started, cpu_started = time.perf_counter(), time.process_time()
-    context = ScoringContext.build(model, adapter, metric_named(metric), input_ids)
+    context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=BATCH["size"])
     scorer = FastScorer(context)
     reference_seconds = time.perf_counter() - started
     flops = flop_costs(model, adapter, context)
@@ -169,12 +224,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="steps of part 1 (0 skips it)")
     parser.add_argument("--metric", default="js", help="metric of part 1")
+    parser.add_argument("--naive-candidates", type=int,
+                        help="time the naive scorer on this many candidates per step only, extrapolated (part 1)")
     parser.add_argument("--full-ratio", type=float, default=0.25, help="ratio of part 2 (0 skips it)")
     parser.add_argument("--full-metrics", default="js,angular")
     parser.add_argument("--full-steps", type=int, help="stop part 2 after this many steps (default: the whole run)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per batch: the early-abort granularity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    BATCH["size"] = args.batch_size
 
     source = resolve_model_source(args.model)
     tokenizer = load_tokenizer(source)
@@ -184,10 +243,13 @@ def main() -> None:
     input_ids, _ = calibration_samples(tokenizer, resolve_source("wikitext2", args.data_dir),
                                        num_samples=args.samples, seq_len=args.seq_len, seed=0)
     window = dict(window_until_ratio=0.4, window_first_block=first_window_block(num_blocks, 0.4))
-    print(f"{info['id']}: {num_blocks} blocks, {args.samples} x {args.seq_len} calibration tokens (one sample per "
-          f"batch), float32, {torch.get_num_threads()} threads", flush=True)
+    print(f"{info['id']}: {num_blocks} blocks, {args.samples} x {args.seq_len} calibration tokens ({args.batch_size} "
+          f"sample(s) per batch), float32, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
-    if args.steps:
+    if args.steps and args.naive_candidates:
+        fast_vs_sampled_naive(model, adapter, input_ids, metric=args.metric, steps=args.steps, window=window,
+                              sampled=args.naive_candidates)
+    elif args.steps:
         compare_fast_naive(model, adapter, input_ids, metric=args.metric, steps=args.steps, window=window)
     if args.full_ratio:
         for metric in args.full_metrics.split(","):
