@@ -309,3 +309,18 @@ def test_a_prefix_of_a_cost_run_cuts_its_trajectory(params_run):
     prefix = prefix_record(record, 1)
     assert prefix["cost_trajectory"] == record["cost_trajectory"][:1]
     assert prefix["cost_target"]["reached"] == record["cost_trajectory"][0]["params"]
+
+
+def test_the_prune_api_takes_a_cost_target(one_thread):
+    import finercut
+
+    model = tiny_model("llama")
+    result = finercut.prune(model, input_ids=tiny_input_ids(samples=2), cost_target="kv_cache", cost_fraction=0.5,
+                            progress=False)
+    record = result.record
+    assert all(unit.kind == ATTENTION for unit in result.removed)  # FFNs hold no KV cache: never candidates
+    assert record["cost_trajectory"][-1]["kv_cache"] == 0.5 and len(result.removed) == 2
+    assert record["target"]["count"] == 2 and record["cost_target"]["measure"] == "kv_cache"
+    with pytest.raises(ConfigError, match="cannot be met"):
+        finercut.prune(model, input_ids=tiny_input_ids(samples=2), cost_target="kv_cache", cost_fraction=0.5,
+                       only="ffn", progress=False)

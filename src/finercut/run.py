@@ -184,6 +184,7 @@ def prune(
     seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast", exhaustive: bool = False,
     window_until_ratio: float = 0.4, window_fraction: float = 0.4, window_first_block: int | None = None,
     progress: bool = True, shapley_permutations: int = 10, shapley_truncation: float | None = None,
+    cost_target: str | None = None, cost_fraction: float | None = None, cost_context: int | None = None,
 ) -> PruneResult:
     """Find which sub-layers of an in-memory model to remove; the model is left unchanged.
 
@@ -193,6 +194,9 @@ def prune(
         ratio: layer pruning ratio r: removes round(r * 2L) sub-layers (round(r * L) blocks). Default 0.25
             when ``count`` is not given either.
         only: ``"attention"`` or ``"ffn"``: only sub-layers of that kind are candidates (ratio counts them).
+        cost_target: ``"params"``, ``"macs"`` (with ``cost_context`` tokens), ``"kv_cache"`` or ``"latency"``
+            (measured here first): instead of a ratio, remove the least distance per cost saved until the model
+            costs at most ``cost_fraction`` of the dense model (:mod:`finercut.budgets`).
         input_ids: ``[samples, seq]`` ready calibration token ids (instead of sampling ``calibration``).
         calibration: ``"wikitext2"`` or a ``.txt``/``.jsonl`` file, sampled into ``num_samples`` windows of
             ``seq_len`` tokens with ``seed``.
@@ -200,7 +204,7 @@ def prune(
     Returns:
         A :class:`PruneResult`; apply it with :func:`finercut.apply_removal` for a physically smaller model.
     """
-    if ratio is None and count is None:
+    if ratio is None and count is None and cost_target is None:
         ratio = 0.25
     data_folder = resolve_data_dir(data_dir)
     config = RunConfig(
@@ -210,10 +214,11 @@ def prune(
         data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
         batch_size=batch_size, scorer=scorer, exhaustive=exhaustive, threads=torch.get_num_threads(),
         save_model=False, shapley_permutations=shapley_permutations, shapley_truncation=shapley_truncation,
+        cost_target=cost_target, cost_fraction=cost_fraction, cost_context=cost_context,
     )
     adapter = adapter_for(model)
     num_blocks = adapter.num_blocks(model)
-    target = config.target(num_blocks)
+    target = None if config.cost_target else config.target(num_blocks)
     window_first = config.first_candidate_block(num_blocks)
     if input_ids is None:
         if tokenizer is None:
@@ -230,13 +235,16 @@ def prune(
     was_training = model.training
     model.eval()  # dropout would make every score random
     extras: dict = {}
-    started = time.perf_counter()
+    costs, budget = None, None
     try:
+        if config.cost_target:
+            costs, budget = _run_budget(model, config, input_ids, FolderState(), num_blocks, current_world())
+        started = time.perf_counter()
         context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=batch_size)
         reference_seconds = time.perf_counter() - started
         try:
             steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress,
-                               extras=extras)
+                               extras=extras, budget=budget)
         finally:
             context.close()
     finally:
@@ -244,10 +252,11 @@ def prune(
     record = build_record(
         config=config, model_info=_model_info(model), calibration_info=calibration_info,
         environment=environment_info(threads=torch.get_num_threads(), device=str(model.device)), steps=steps,
-        num_blocks=num_blocks, target=target, window_first_block=window_first,
+        num_blocks=num_blocks, target=len(steps) if budget else target, window_first_block=window_first,
         timings={"reference_seconds": reference_seconds,
                  "search_seconds": time.perf_counter() - started - reference_seconds},
-        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]), **extras},
+        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]), **extras,
+               **(cost_record(costs, config, [step.unit for step in steps]) if costs else {})},
     )
     return PruneResult(steps=steps, record=record)
 
