@@ -133,7 +133,7 @@ def test_budget_search_equals_the_plain_cost_aware_greedy_in_float64(model64, on
 
 def test_the_run_stops_at_the_first_step_that_meets_the_target(model64, one_thread):
     cost = hand_costs()
-    for fraction in (0.9, 0.7, 0.45):
+    for fraction in (0.9, 0.7, 0.5):
         steps = budget_search(model64, FastScorer, Budget(cost, fraction), samples=2)
         left = cost.trajectory([s.unit for s in steps])
         assert left[-1] <= fraction and all(value > fraction for value in left[:-1])
@@ -324,3 +324,37 @@ def test_the_prune_api_takes_a_cost_target(one_thread):
     with pytest.raises(ConfigError, match="cannot be met"):
         finercut.prune(model, input_ids=tiny_input_ids(samples=2), cost_target="kv_cache", cost_fraction=0.5,
                        only="ffn", progress=False)
+
+
+class FixedScorer:
+    """Scores from a table, every candidate complete (for the search's own rules)."""
+
+    block_executions = 0
+
+    def __init__(self, distances):
+        self.distances = distances
+
+    def restore(self, removed):
+        pass
+
+    def score(self, removed, candidates, *, previous=(), on_candidate=None, savings=None):
+        from finercut.search import CandidateScore
+
+        return [CandidateScore(unit, self.distances[unit]) for unit in candidates]
+
+
+def test_a_target_that_needs_every_candidate_removed_is_refused():
+    blocks = [Unit(b, "block") for b in range(3)]
+    savings = {Unit(b, kind): (0.0 if kind == FFN else s) for b, s in enumerate((1.0, 1.0, 10.0))
+               for kind in (ATTENTION, FFN)}
+    cost = CostModel("params", 12.0, savings)
+    scorer = FixedScorer({blocks[0]: 0.001, blocks[1]: 0.001, blocks[2]: 100.0})
+    # Before scoring: removing all but the cheapest unit leaves 1/12 > 5%.
+    with pytest.raises(ConfigError, match="needs every candidate removed, which leaves no model"):
+        greedy_search(scorer, num_blocks=3, granularity="block", budget=Budget(cost, 0.05), **NO_WINDOW)
+    # Reachable with two removals (blocks 1 and 2), but the greedy path takes blocks 0 and 1 first and would
+    # then need the last one: refused at that step.
+    with pytest.raises(ConfigError, match="step 3: the params target of 8.4% is not met before the last candidate"):
+        greedy_search(scorer, num_blocks=3, granularity="block", budget=Budget(cost, 0.084), **NO_WINDOW)
+    steps = greedy_search(scorer, num_blocks=3, granularity="block", budget=Budget(cost, 0.9), **NO_WINDOW)
+    assert [s.unit for s in steps] == [blocks[0], blocks[1]]  # 10/12 <= 90%: two steps

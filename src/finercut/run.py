@@ -540,7 +540,7 @@ def _run_budget(model: nn.Module, config: RunConfig, input_ids: torch.Tensor, st
     budget = Budget(cost_models_of(costs)[config.cost_target], config.cost_fraction)
     try:
         budget.check_reachable(all_units(num_blocks, config.granularity, config.only))
-    except ValueError as error:
+    except ConfigError as error:
         raise ConfigError(f"{error}; choose a larger fraction" + (" or drop --only" if config.only else "")) from error
     return costs, budget
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from finercut.budgets import CostModel, check_fraction, select_least_per_cost, target_met
 from finercut.candidates import Unit, all_units, select_least, step_candidates
 from finercut.distances import NonFiniteOutputError
+from finercut.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,20 @@ class Budget:
         return target_met(self.cost.remaining(removed), self.cost.dense_total, self.fraction)
 
     def check_reachable(self, units: Sequence[Unit]) -> None:
-        """Raise ValueError if removing every candidate still leaves more than the target."""
+        """Raise ConfigError if even the best removal of all candidates but one leaves more than the target.
+
+        Removing every candidate leaves no model (a count target refuses that too), so the cheapest-saving unit
+        is kept; a greedy path that still needs the last unit is refused at that step (:func:`greedy_search`).
+        """
         floor = self.cost.remaining(units)
         if not target_met(floor, self.cost.dense_total, self.fraction):
-            raise ValueError(f"a {self.cost.measure} target of {self.fraction:.1%} cannot be met: removing every "
-                             f"candidate leaves {floor / self.cost.dense_total:.1%} of the dense model")
+            raise ConfigError(f"a {self.cost.measure} target of {self.fraction:.1%} cannot be met: removing every "
+                              f"candidate leaves {floor / self.cost.dense_total:.1%} of the dense model")
+        kept = min(units, key=self.cost.saving)
+        if not target_met(floor + self.cost.saving(kept), self.cost.dense_total, self.fraction):
+            raise ConfigError(f"a {self.cost.measure} target of {self.fraction:.1%} needs every candidate removed, "
+                              "which leaves no model (all but one leave "
+                              f"{(floor + self.cost.saving(kept)) / self.cost.dense_total:.1%})")
 
     def steps_to_meet(self, removed: Sequence[Unit]) -> int | None:
         """The number of leading removals after which the target is first met (0: already), None if never."""
@@ -220,6 +230,10 @@ def greedy_search(
         scorer.restore(removed)
     options = {} if budget is None else {"savings": budget.cost.saving}
     while not done():
+        if budget is not None and len(removed) == len(units) - 1:
+            raise ConfigError(f"step {len(steps) + 1}: the {budget.cost.measure} target of {budget.fraction:.1%} "
+                              "is not met before the last candidate, and removing every candidate leaves no model; "
+                              "choose a larger fraction")
         remaining = [unit for unit in units if unit not in removed
                      and (budget is None or budget.cost.saving(unit) > 0)]
         candidates, first_block = step_candidates(
