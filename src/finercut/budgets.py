@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from finercut.candidates import Unit, removed_sublayers
+from finercut.errors import ConfigError
 from finercut.pruned_modeling import ATTENTION, FFN
 
 MEASURES = ("params", "macs", "kv_cache", "latency")
@@ -36,7 +37,7 @@ Scored = Sequence[tuple[Unit, float]]
 def check_fraction(fraction: float) -> float:
     """A target fraction of the dense model's cost must lie in (0, 1)."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"a cost target is a fraction of the dense model in (0, 1), got {fraction}")
+        raise ConfigError(f"a cost target is a fraction of the dense model in (0, 1), got {fraction}")
     return fraction
 
 
@@ -55,7 +56,7 @@ def select_least_per_cost(scored: Scored, saving: Callable[[Unit], float]) -> tu
     """
     useful = [(unit, distance) for unit, distance in scored if saving(unit) > 0]
     if not useful:
-        raise ValueError("no candidate saves any cost under this measure")
+        raise ConfigError("no candidate saves any cost under this measure")
     return min(useful, key=lambda item: (distance_per_cost(item[1], saving(item[0])), item[0].sort_key))
 
 
@@ -117,7 +118,7 @@ def cost_aware_greedy(units: Sequence[Unit], score: Callable[[list[Unit], list[U
     check_fraction(fraction)
     floor = cost.remaining(units)
     if not target_met(floor, cost.dense_total, fraction):
-        raise ValueError(f"a {cost.measure} target of {fraction:.1%} cannot be met: removing every candidate leaves "
+        raise ConfigError(f"a {cost.measure} target of {fraction:.1%} cannot be met: removing every candidate leaves "
                          f"{floor / cost.dense_total:.1%} of the dense model")
     removed: list[Unit] = []
     steps: list[BudgetStep] = []
@@ -214,14 +215,14 @@ def cost_model(model: nn.Module, measure: str, *, context_length: int | None = N
         return CostModel(measure, parameter_stats(model).total_parameters, sublayer_parameters(model))
     if measure == "macs":
         if not context_length or context_length < 1:
-            raise ValueError("a MACs target needs the context length it is counted for (--context T)")
+            raise ConfigError("a MACs target needs the context length it is counted for (--context T)")
         return CostModel(measure, count_macs(model, context_length=context_length)["total"],
                          sublayer_macs(model, context_length=context_length))
     if measure == "kv_cache":
         return CostModel(measure, kv_cache_bytes_per_token(model), sublayer_kv_cache_bytes(model))
     if measure == "latency":
         raise ValueError("latency costs are measured on the device: measure_sublayer_latency, then latency_cost_model")
-    raise ValueError(f"unknown cost measure {measure!r}; choose from {', '.join(MEASURES)}")
+    raise ConfigError(f"unknown cost measure {measure!r}; choose from {', '.join(MEASURES)}")
 
 
 def latency_cost_model(sublayer_seconds: Mapping[Unit, float], rest_seconds: float) -> CostModel:

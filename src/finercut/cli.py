@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-from finercut.adapters import UnsupportedArchitectureError
-from finercut.calibration import CalibrationError
 from finercut.candidates import Unit
-from finercut.modelio import ModelLoadError
+from finercut.errors import MissingFileError, UserError
+from finercut.pruned_modeling import CheckpointMismatchError
 from finercut.record import ConfigError, RunConfig, read_json
-from finercut.distances import NonFiniteOutputError
 
-USER_ERRORS = (ConfigError, ModelLoadError, CalibrationError, UnsupportedArchitectureError, NonFiniteOutputError,
-               ValueError, OSError)
-"""Errors that mean bad input or an unusable file: printed as one line, exit code 2 (no traceback)."""
+USER_ERRORS = (UserError, CheckpointMismatchError)
+"""Errors that mean bad input or an unusable file: printed as one line, exit code 2 (no traceback). The
+checkpoint's own error lives in the modeling file saved next to pruned weights, which cannot import finercut."""
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+"""OS errors that are the machine's state, not a bug: no permission, a full or read-only disk."""
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -219,7 +221,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     folder = Path(args.run)
     record_file = folder / "record.json" if folder.is_dir() else folder
     if not record_file.is_file():
-        raise FileNotFoundError(f"no record.json in {args.run}")
+        raise MissingFileError(f"no record.json in {args.run}")
     record = read_json(record_file)
     print(summarize_record(record, folder if folder.is_dir() else None))
     front = pareto_lines(record)
@@ -321,7 +323,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finercut.evaluation import windowed_perplexity
 
     if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--output {args.output}: its folder does not exist")
+        raise MissingFileError(f"--output {args.output}: its folder does not exist")
     model, tokenizer, label = _model_for_eval(args)
     results: dict = {"model": label}
     if args.ppl_max_windows != 0:
@@ -517,6 +519,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"finercut {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            return _report_bug(args.command)
+        print(f"finercut {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception:
+        return _report_bug(args.command)
+
+
+def _report_bug(command: str) -> int:
+    """An unexpected exception is finercut's fault, not the input's: keep the whole traceback, exit code 1."""
+    traceback.print_exc()
+    print(f"finercut {command}: internal error: this is a bug in finercut, not a problem with your input; please "
+          "report it with the traceback above", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch import nn
 from finercut.adapters import ArchitectureAdapter
 from finercut.candidates import Unit
 from finercut.distances import Metric
+from finercut.errors import ConfigError
 from finercut.masking import masked
 
 CostFunction = Callable[[frozenset], float]
@@ -140,9 +141,9 @@ def permutation_shapley(
         empty_cost: ``d({})``, 0 for a distance to the original model.
     """
     if permutations < 1:
-        raise ValueError(f"permutations must be at least 1, got {permutations}")
+        raise ConfigError(f"permutations must be at least 1, got {permutations}")
     if truncation is not None and (full_cost is None or not 0 <= truncation < 1):
-        raise ValueError("truncation needs a fraction in [0, 1) and the cost of removing every unit (full_cost)")
+        raise ConfigError("truncation needs a fraction in [0, 1) and the cost of removing every unit (full_cost)")
     marginals: dict[Unit, list[float]] = {unit: [] for unit in units}
     evaluations = 0
     for order in random_orders(units, permutations=permutations, seed=seed):

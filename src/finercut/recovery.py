@@ -98,7 +98,7 @@ def fit_linear(sums: MomentSums, *, ridge: float = 0.0) -> tuple[torch.Tensor, t
         ``W = (Cov(x) + ridge I)^-1 Cov(x, y)``, ``b = mean(y) - mean(x) W``.
     """
     if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+        raise ConfigError(f"ridge must be >= 0, got {ridge}")
     cxx, cxy = sums.covariances()
     regularised = cxx + ridge * torch.eye(sums.hidden, dtype=cxx.dtype)
     # lstsq rather than solve: a singular covariance (fewer tokens than dimensions, constant directions) still has
@@ -114,7 +114,7 @@ def truncate_rank(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
         ``down`` ``[in, rank]`` and ``up`` ``[rank, out]`` with ``down @ up = U_R S_R V_R^T``.
     """
     if not 1 <= rank <= min(weight.shape):
-        raise ValueError(f"rank must be between 1 and {min(weight.shape)}, got {rank}")
+        raise ConfigError(f"rank must be between 1 and {min(weight.shape)}, got {rank}")
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     return u[:, :rank] * s[:rank], vh[:rank]
 
@@ -133,7 +133,7 @@ def fit_map(sums: MomentSums, method: str, *, rank: int | None = None, ridge: fl
         down, up = truncate_rank(weight, rank)
         bias = sums.mean_y() - sums.mean_x() @ down @ up
         return {"down": down.T.contiguous(), "up": up.T.contiguous(), "bias": bias}
-    raise ValueError(f"unknown recovery method {method!r}; choose one of {REPLACEMENT_MAPS}")
+    raise ConfigError(f"unknown recovery method {method!r}; choose one of {REPLACEMENT_MAPS}")
 
 
 def map_parameters(method: str, hidden: int, rank: int | None) -> int:
@@ -157,7 +157,7 @@ def replacement_groups(removed: Iterable[Unit], *, num_blocks: int, group: str) 
     (``b.ffn`` is followed by ``(b+1).attention``), e.g. ``12.attn 12.ffn 13.attn`` is one run.
     """
     if group not in GROUPS:
-        raise ValueError(f"unknown recovery group {group!r}; choose one of {GROUPS}")
+        raise ConfigError(f"unknown recovery group {group!r}; choose one of {GROUPS}")
     ordered = model_order(removed_sublayers(removed))
     if group == "sublayer":
         return [[unit] for unit in ordered]
@@ -264,7 +264,7 @@ def fit_replacements(
     removed = {unit for g in groups for unit in g}
     starts = {g[0]: list(g) for g in groups}
     if target not in TARGETS:
-        raise ValueError(f"unknown recovery target {target!r}; choose one of {TARGETS}")
+        raise ConfigError(f"unknown recovery target {target!r}; choose one of {TARGETS}")
     states = [batch.first_block_input for batch in batches]
     dense_states = list(states) if target == "dense" else None
     replacements, errors = [], []
