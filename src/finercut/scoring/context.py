@@ -20,6 +20,7 @@ from torch import nn
 from finercut.adapters import ArchitectureAdapter
 from finercut.candidates import Unit
 from finercut.distances import Metric, NonFiniteOutputError, PreparedReference
+from finercut.placement import input_device
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 DEFAULT_MAX_REFERENCE_BYTES = 2 * 2**30
@@ -98,7 +99,7 @@ def capture_calibration(
         handles = [block.register_forward_pre_hook(record_call(i), with_kwargs=True) for i, block in enumerate(blocks)]
         handles.append(blocks[-1].register_forward_hook(record_output, with_kwargs=True))
         try:
-            model.base_model(input_ids=batch_ids.to(model.device), use_cache=False)
+            model.base_model(input_ids=batch_ids.to(input_device(model)), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()

@@ -10,6 +10,7 @@ logits (:func:`finercut.distances.angular_distance`, ...), which the tests compa
 from __future__ import annotations
 
 import torch
+from accelerate.utils import align_module_device
 
 from finercut.distances import gram_matrix
 from finercut.scoring.context import ScoringContext
@@ -38,9 +39,13 @@ class GramReference:
             raise ValueError(f"no vocabulary-free form of {context.metric.name} for this model's head")
         self.context = context
         self.final_norm = context.model.get_submodule(context.adapter.final_norm)
+        head = context.model.get_submodule(context.adapter.head)
+        # An offloaded head (accelerate's device map) keeps its weight on the meta device between calls.
+        with torch.inference_mode(), align_module_device(head):
+            gram = gram_matrix(context.adapter.linear_head_weight(context.model).detach())
         with torch.inference_mode():
-            self.gram = gram_matrix(context.adapter.linear_head_weight(context.model).detach())
             self.reference = [self._head_input(batch.reference_output) for batch in context.batches]
+        self.gram = gram.to(self.reference[0].device)  # where the final norm's output lives
 
     def _head_input(self, block_output: torch.Tensor) -> torch.Tensor:
         normed = self.final_norm(block_output)

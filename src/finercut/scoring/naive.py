@@ -15,6 +15,7 @@ import torch
 
 from finercut.candidates import Unit
 from finercut.masking import masked
+from finercut.placement import input_device
 from finercut.scoring.context import ScoringContext, check_finite
 from finercut.search import CandidateScore
 
@@ -54,7 +55,7 @@ class NaiveScorer:
 
     def _batch_distance_sum(self, batch_index: int) -> float:
         context, work = self.context, self.context.work
-        input_ids = context.batches[batch_index].input_ids.to(context.model.device)
+        input_ids = context.batches[batch_index].input_ids.to(input_device(context.model))
         with work.timed("blocks"):
             normed = context.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         rows = normed.reshape(-1, normed.shape[-1])
