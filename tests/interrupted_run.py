@@ -10,34 +10,40 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Callable
 
 from finercut import cli, run
 
 
-def signal_after(steps: int, signal_number: int):
+def act_after(steps: int, action: Callable[[], None]) -> None:
+    """Call ``action`` once, inside the first candidate evaluation after ``steps`` finished steps."""
     plain_find_steps = run.find_steps
 
     def find_steps(context, config, *, completed=(), on_step=None, **options):
-        done = {"steps": len(completed), "signalled": False}
+        done = {"steps": len(completed), "acted": False}
 
         def count_step(step):
             if on_step:
                 on_step(step)
             done["steps"] += 1
 
-        def maybe_signal(module, args):
-            if done["steps"] >= steps and not done["signalled"]:
-                done["signalled"] = True
-                os.kill(os.getpid(), signal_number)
+        def maybe_act(module, args):
+            if done["steps"] >= steps and not done["acted"]:
+                done["acted"] = True
+                action()
 
         last_block = context.adapter.blocks_of(context.model)[-1]
-        handle = last_block.register_forward_pre_hook(maybe_signal)
+        handle = last_block.register_forward_pre_hook(maybe_act)
         try:
             return plain_find_steps(context, config, completed=completed, on_step=count_step, **options)
         finally:
             handle.remove()
 
     run.find_steps = find_steps
+
+
+def signal_after(steps: int, signal_number: int) -> None:
+    act_after(steps, lambda: os.kill(os.getpid(), signal_number))
 
 
 if __name__ == "__main__":
