@@ -229,7 +229,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("\n".join(front))
     if args.steps:
         for step in record["steps"]:
-            print(format_step(step, record.get("calibration", {}).get("num_samples")))
+            print(format_step(step, record.get("calibration", {}).get("num_samples"),
+                              per_cost=record.get("cost_target") is not None))
     return 0
 
 
@@ -255,9 +256,10 @@ def pareto_lines(record: dict) -> list[str]:
     return lines
 
 
-def format_step(step: dict, num_samples: int | None) -> str:
+def format_step(step: dict, num_samples: int | None, *, per_cost: bool = False) -> str:
     """One step of a record: what was removed, then every candidate by score, an aborted one as ``>=bound``
-    with the samples it was scored on (``[seen/all]``)."""
+    with the samples it was scored on (``[seen/all]``). With a cost target the search compares distance per
+    unit of cost saved, so an aborted candidate's bound is above the winner's per cost, not per se."""
     distance = step["distance"]
     lines = [f"  step {step['step'] + 1:3d}: {step['removed']['block']:3d} {step['removed']['kind']:9s} "
              f"distance {distance if distance is None else f'{distance:.6g}'}"]
@@ -265,7 +267,7 @@ def format_step(step: dict, num_samples: int | None) -> str:
     aborted = [c for c in candidates if c.get("distance") is None and c.get("lower_bound") is not None]
     if candidates:
         lines[0] += (f"; {len(candidates)} candidates, {len(candidates) - len(aborted)} scored completely, "
-                     f"{len(aborted)} aborted (lower bound >= the winner's distance)")
+                     f"{len(aborted)} aborted (lower bound{' per cost saved' if per_cost else ''} >= the winner's)")
 
     def entry(c: dict) -> tuple[float, str]:
         unit = Unit.from_dict(c)
