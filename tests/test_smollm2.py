@@ -33,9 +33,12 @@ def test_three_steps_on_smollm2_give_a_complete_record_and_a_working_model(tmp_p
     assert record["calibration"]["path"].endswith("valid.tokens.txt")
     assert [step["step"] for step in record["steps"]] == [0, 1, 2]
     for step in record["steps"]:
-        scored = {(c["block"], c["kind"]): c["distance"] for c in step["candidates"]}
-        assert len(scored) == 36 - step["step"]  # blocks 12..29 while the window applies, minus removed ones
+        assert len(step["candidates"]) == 36 - step["step"]  # blocks 12..29 while the window applies, minus removed
+        # Fully scored candidates carry a distance; those aborted early carry a lower bound no smaller than it.
+        scored = {(c["block"], c["kind"]): c["distance"] for c in step["candidates"] if c["distance"] is not None}
+        bounds = [c["lower_bound"] for c in step["candidates"] if c["distance"] is None]
         assert scored[(step["removed"]["block"], step["removed"]["kind"])] == min(scored.values()) == step["distance"]
+        assert len(scored) + len(bounds) == len(step["candidates"]) and all(b >= step["distance"] for b in bounds)
         assert step["block_executions"] > 0 and step["seconds"] > 0
     assert record["reached"]["count"] == 3 and record["reached"]["ratio"] == pytest.approx(3 / 60)
     assert (tmp_path / "run" / "layer_map.png").stat().st_size > 0
