@@ -13,8 +13,9 @@ from finercut.search import greedy_search
 A, B, C = Unit(2, "attention"), Unit(2, "ffn"), Unit(3, "attention")
 
 
-def run_best_first(table, *, num_positions, exhaustive=False):
-    """best_first over units whose per-batch sums are given by ``table`` (unit -> list), recording the calls."""
+def run_best_first(table, *, num_positions, exhaustive=False, savings=None):
+    """best_first over units whose per-batch sums are given by ``table`` (unit -> list), recording the calls;
+    ``savings`` (unit -> cost saved) ranks them by distance per cost."""
     calls = []
 
     def batch_sum(unit, index):
@@ -23,7 +24,7 @@ def run_best_first(table, *, num_positions, exhaustive=False):
 
     units = list(table)
     result = best_first(units, batch_sum, num_batches=len(table[units[0]]), num_positions=num_positions,
-                        exhaustive=exhaustive)
+                        exhaustive=exhaustive, savings=savings.get if savings else None)
     return result, calls
 
 
