@@ -164,25 +164,44 @@ def _log_softmax_finite(logits: torch.Tensor) -> torch.Tensor:
     return log_p.clamp_(min=torch.finfo(log_p.dtype).min)
 
 
+JS_ROWS_PER_PASS = 4
+"""Positions the fast JS works on at a time: a few full-vocabulary rows stay in the CPU's L2 cache through
+the five passes over them, instead of streaming a whole chunk from memory once per pass."""
+
+
 def _prepare_js(ref_logits: torch.Tensor) -> PreparedReference:
     log_p = _log_softmax_finite(ref_logits)
     p = log_p.exp()
-    return p, _vocab_sum(log_p.mul_(p))
+    neg_entropy_p = _vocab_sum(log_p.mul_(p))
+    return p.mul_(0.5), neg_entropy_p  # ½P is what M = ½(P + Q) needs
 
 
 def _js_per_position(prepared: PreparedReference, logits: torch.Tensor) -> torch.Tensor:
-    # JS = ½(Σ P log P + Σ Q log Q) - Σ M log M. The original's P and Σ P log P are prepared once; a candidate
-    # costs its log-softmax, then one exp (Q) and one log (inside xlogy(M, M)) per vocabulary entry: Σ Q log Q
-    # reuses the log-softmax. The sums are accumulated in float64, which keeps their difference (a small
-    # number from sums of several nats) accurate in float32. Rounding can leave a tiny negative: clamped, so
-    # every per-position term is >= 0 (early abort relies on it).
-    p, neg_entropy_p = prepared
-    log_q = _log_softmax_finite(logits)
-    q = log_q.exp()
-    neg_entropy_q = _vocab_sum(log_q.mul_(q))
-    m = q.add_(p).mul_(0.5)
-    neg_entropy_m = _vocab_sum(torch.special.xlogy(m, m, out=log_q))
-    return (0.5 * (neg_entropy_p + neg_entropy_q) - neg_entropy_m).clamp_(min=0.0)
+    # JS = ½(Σ P log P + Σ Q log Q) - Σ M log M. The original's ½P and Σ P log P are prepared once. A candidate
+    # costs one exp (float32) and one log (float64) per vocabulary entry: with e = exp(z - max) and S = Σ e,
+    # Σ Q log Q = Σ e (z - max) / S - log S needs no second transcendental pass. Q = e / S and M are formed in
+    # float64, so M is made of the very Q whose Σ Q log Q is used: a float32 Q would differ from it by a rounding
+    # per entry, enough to move a late step's JS (1e-5 nats) by 1%. Sums are accumulated in float64 (their
+    # difference is a small number from sums of several nats). Rounding can leave a tiny negative: clamped, so
+    # every per-position term is >= 0 (early abort relies on it). Overwrites ``logits``.
+    half_p, neg_entropy_p = prepared
+    logits = _float(logits)
+    lowest = torch.finfo(logits.dtype).min
+    result = torch.empty(logits.shape[:-1], dtype=neg_entropy_p.dtype, device=logits.device)
+    flat_logits, flat_half_p = logits.reshape(-1, logits.shape[-1]), half_p.reshape(-1, half_p.shape[-1])
+    flat_result, flat_neg_entropy_p = result.reshape(-1), neg_entropy_p.reshape(-1)
+    for start in range(0, flat_logits.shape[0], JS_ROWS_PER_PASS):
+        rows = slice(start, start + JS_ROWS_PER_PASS)
+        shifted = flat_logits[rows]
+        # -inf (probability 0) becomes the lowest finite value, so that 0 * shifted is 0 rather than NaN
+        shifted.sub_(shifted.amax(dim=-1, keepdim=True)).clamp_(min=lowest)
+        exp = shifted.exp()
+        total = _vocab_sum(exp)  # S
+        neg_entropy_q = _vocab_sum(exp * shifted) / total - total.log()
+        q = exp.to(total.dtype).div_(total.unsqueeze(-1))  # in place when e is float64 already
+        m = q.mul_(0.5).add_(flat_half_p[rows])
+        flat_result[rows] = 0.5 * (flat_neg_entropy_p[rows] + neg_entropy_q) - _vocab_sum(torch.special.xlogy(m, m))
+    return result.clamp_(min=0.0)
 
 
 def _prepare_js_official(ref_logits: torch.Tensor) -> PreparedReference:
