@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from finercut.cli import main
 
-TIMING_KEYS = {"created", "seconds", "timings", "search_seconds", "reference_seconds"}
+TIMING_KEYS = {"created", "seconds", "timings", "search_seconds", "reference_seconds", "block_executions"}
+"""Durations, and the work done: the first step after a resume lacks the replay states of the step before it
+(tests/test_search.py pins what it costs instead)."""
 
 
 def prune_args(model_dir: Path, text: Path, output: Path, *extra: str) -> list[str]:
@@ -210,6 +212,27 @@ def test_output_folder_with_a_different_run_lists_the_differences(capsys, tmp_pa
     assert main(prune_args(tiny_model_dir, word_text, output, "--count", "1", "--no-save-model",
                            "--metric", "angular", "--overwrite")) == 0
     assert read(output / "record.json")["metric"] == "angular"
+
+
+def test_replay_memory_changes_the_work_only_and_may_change_on_resume(capsys, tmp_path, tiny_model_dir, word_text):
+    runs = {}
+    for name, memory in (("none", "0"), ("default", None)):
+        output = tmp_path / name
+        extra = ("--replay-memory", memory) if memory else ()
+        assert main(prune_args(tiny_model_dir, word_text, output, "--count", "3", "--no-save-model", *extra)) == 0
+        runs[name] = read(output / "record.json")
+    assert runs["none"]["scoring"]["replay_state_bytes"] == 0
+    assert runs["default"]["scoring"]["replay_state_bytes"] == 2 * 2**30
+    assert runs["none"]["removed"] == runs["default"]["removed"]
+    assert [s["candidates"] for s in runs["none"]["steps"]] == [s["candidates"] for s in runs["default"]["steps"]]
+    total = {name: sum(s["block_executions"] for s in run["steps"]) for name, run in runs.items()}
+    assert total["default"] < total["none"]
+    # Extending the run with another budget is not a change of settings.
+    assert main(prune_args(tiny_model_dir, word_text, tmp_path / "none", "--count", "4", "--no-save-model",
+                           "--replay-memory", "1")) == 0
+    assert len(read(tmp_path / "none" / "record.json")["removed"]) == 4
+    assert_refused(capsys, prune_args(tiny_model_dir, word_text, tmp_path / "bad", "--count", "1",
+                                      "--replay-memory", "-1"), "replay_memory_gb must be >= 0", tmp_path / "bad")
 
 
 def test_float16_overflow_stops_with_advice(capsys, tmp_path, word_text, output):

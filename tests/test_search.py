@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, LAYERS, VOCAB, tiny_input_ids, tiny_model
+from tiny_models import ARCHITECTURES, HIDDEN, LAYERS, SEQ, VOCAB, tiny_input_ids, tiny_model
 
 import finercut
 from finercut.adapters import adapter_for
@@ -20,11 +20,11 @@ WINDOW = dict(window_until_ratio=0.4, window_first_block=2)
 
 
 def run_search(model, scorer_class, *, target=5, granularity="sublayer", metric="js", batch_size=2, samples=3,
-               exhaustive=False, build=None, **window):
+               exhaustive=False, build=None, scorer_options=None, **window):
     context = ScoringContext.build(model, adapter_for(model), metric_named(metric), tiny_input_ids(samples=samples),
                                    batch_size=batch_size, **(build or {}))
     try:
-        return greedy_search(scorer_class(context, exhaustive=exhaustive), num_blocks=LAYERS,
+        return greedy_search(scorer_class(context, exhaustive=exhaustive, **(scorer_options or {})), num_blocks=LAYERS,
                              granularity=granularity, target=target, **(window or WINDOW))
     finally:
         context.close()
@@ -130,11 +130,12 @@ def test_block_level_fast_equals_naive():
 
 
 def test_block_executions_follow_the_formula():
-    # Fast: a step first refreshes the cached block inputs after the last removal at block q (blocks q..L-2,
-    # all L-1 on the first step), then a candidate at block p replays blocks p..L-1 (every candidate on every
-    # sample when exhaustive). Naive: L per candidate.
+    # Without replay states: a step first refreshes the cached block inputs after the last removal at block q
+    # (blocks q..L-2, all L-1 on the first step), then a candidate at block p replays blocks p..L-1 (every
+    # candidate on every sample when exhaustive). Naive: L per candidate.
     model = tiny_model("llama", dtype=torch.float64)
-    fast = run_search(model, FastScorer, target=6, exhaustive=True, window_until_ratio=1.0, window_first_block=1)
+    options = dict(target=6, exhaustive=True, window_until_ratio=1.0, window_first_block=1)
+    fast = run_search(model, FastScorer, scorer_options={"replay_state_bytes": 0}, **options)
     naive = run_search(model, NaiveScorer, target=6, window_until_ratio=1.0, window_first_block=1)
     previous_block = 0
     for step in fast:
@@ -145,6 +146,40 @@ def test_block_executions_follow_the_formula():
     for step in naive:
         assert step.block_executions == LAYERS * len(step.candidates)
     assert sum(s.block_executions for s in fast) < sum(s.block_executions for s in naive)
+
+
+def test_replay_states_cut_the_block_executions_to_the_formula():
+    # With replay states: after the first step (blocks 0..L-2 to fill the cache) the refresh takes the winner's
+    # states and runs no block, and a candidate at block p
+    # that was a candidate in the previous step resumes from its state at the input of the previous winner's
+    # block q when q > p (blocks q..L-1), else replays p..L-1.
+    model = tiny_model("llama", dtype=torch.float64)
+    options = dict(target=6, exhaustive=True, window_until_ratio=1.0, window_first_block=1)
+    kept = run_search(model, FastScorer, **options)
+    plain = run_search(model, FastScorer, scorer_options={"replay_state_bytes": 0}, **options)
+    assert [(s.unit, s.candidates) for s in kept] == [(s.unit, s.candidates) for s in plain]  # bit for bit
+    previous = None
+    for step in kept:
+        earlier = {c.unit for c in previous.candidates} if previous else set()
+        replays = sum(LAYERS - (max(c.unit.block, previous.unit.block) if c.unit in earlier else c.unit.block)
+                      for c in step.candidates)
+        refresh = LAYERS - 1 if previous is None else 0
+        assert step.block_executions == refresh + replays
+        previous = step
+    assert sum(s.block_executions for s in kept) < sum(s.block_executions for s in plain)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("state_bytes", [None, 12 * 2 * SEQ * HIDDEN * 8])  # default; room for 12 states (stride 2)
+def test_replay_states_change_no_result(arch, state_bytes):
+    """The states kept across steps are the very tensors a replay would compute: the records are identical,
+    early abort included, whether all, a few (stride and budget) or none of them are kept."""
+    model = tiny_model(arch, dtype=torch.float64)
+    options = {} if state_bytes is None else {"replay_state_bytes": state_bytes}
+    kept = run_search(model, FastScorer, target=6, scorer_options=options)
+    plain = run_search(model, FastScorer, target=6, scorer_options={"replay_state_bytes": 0})
+    assert [(s.unit, s.distance, s.candidates) for s in kept] == [(s.unit, s.distance, s.candidates) for s in plain]
+    assert sum(s.block_executions for s in kept) < sum(s.block_executions for s in plain)
 
 
 def test_exactly_redundant_sublayers_are_removed_first_earliest_on_ties():
@@ -167,9 +202,10 @@ def test_shorter_run_is_a_prefix_of_a_longer_one():
     assert [s.distance for s in long[:2]] == [s.distance for s in short]
 
 
-def test_resuming_evaluates_only_the_remaining_steps_at_the_same_cost():
+def test_resuming_evaluates_only_the_remaining_steps_with_the_same_results():
     model = tiny_model("llama", dtype=torch.float64)
     full = run_search(model, FastScorer, target=4)
+    without_states = run_search(model, FastScorer, target=4, scorer_options={"replay_state_bytes": 0})
     context = ScoringContext.build(model, adapter_for(model), metric_named("js"), tiny_input_ids(), batch_size=2)
     seen = []
     try:
@@ -178,8 +214,11 @@ def test_resuming_evaluates_only_the_remaining_steps_at_the_same_cost():
     finally:
         context.close()
     assert [s.index for s in seen] == [2, 3]
-    assert [(s.unit, s.distance, s.candidates, s.block_executions) for s in resumed] == [
-        (s.unit, s.distance, s.candidates, s.block_executions) for s in full]
+    assert [(s.unit, s.distance, s.candidates) for s in resumed] == [(s.unit, s.distance, s.candidates) for s in full]
+    # The replay states of the step before the crash are gone: the first resumed step costs what it costs
+    # without them; the next one has its own again and costs what it costs in the uninterrupted run.
+    assert resumed[2].block_executions == without_states[2].block_executions
+    assert resumed[3].block_executions == full[3].block_executions
 
 
 def test_nan_logits_stop_the_search_naming_step_and_candidate(monkeypatch):

@@ -97,6 +97,9 @@ def _add_prune_parser(commands) -> None:
     search.add_argument("--exhaustive", action="store_true", default=None,
                         help="score every candidate on every sample (no early abort: same removals, every "
                              "candidate's distance complete, as the interpretability figures need)")
+    search.add_argument("--replay-memory", dest="replay_memory_gb", type=float,
+                        help="GiB for candidates' replay states kept from step to step (default 2; 0: none): "
+                             "changes the time, never the removals")
     search.add_argument("--window-until", dest="window_until_ratio", type=float,
                         help="restrict candidates while at most this fraction is removed (default 0.4)")
     search.add_argument("--window-fraction", type=float,
@@ -130,7 +133,7 @@ RUN_CONFIG_OPTIONS = (
     "model", "revision", "dtype", "device", "device_map", "threads", "ratio", "count", "method", "metric",
     "granularity", "scorer", "window_until_ratio", "window_fraction", "window_first_block", "calibration", "data_dir",
     "num_samples", "seq_len", "seed", "batch_size", "save_model", "only", "shapley_permutations", "shapley_truncation",
-    "exhaustive", "cost_context",
+    "exhaustive", "cost_context", "replay_memory_gb",
 )
 
 

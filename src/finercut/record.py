@@ -85,6 +85,9 @@ class RunConfig:
     scorer: str = "fast"
     exhaustive: bool = False
     """Score every candidate on every sample (no early abort; the same selection, every distance complete)."""
+    replay_memory_gb: float = 2.0
+    """Fast scorer: GiB for the candidates' replay states kept from one step to the next (0: none). Changes the
+    work, never a result."""
     threads: int | None = None
     save_model: bool = True
     shapley_permutations: int = 10
@@ -116,6 +119,9 @@ class RunConfig:
         for name in ("window_until_ratio", "window_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.replay_memory_gb >= 0:
+            raise ConfigError(f"replay_memory_gb must be >= 0 (GiB; 0 keeps no replay states), got "
+                              f"{self.replay_memory_gb}")
         if self.shapley_truncation is not None and not 0.0 <= self.shapley_truncation < 1.0:
             raise ConfigError(f"shapley_truncation must be in [0, 1), got {self.shapley_truncation}")
         for name, minimum in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("threads", 1),
@@ -194,13 +200,17 @@ SELECTED_PER_TARGET = ("deeper_layers",)
 """Methods whose selection for n units need not contain the one for n-1: a run cannot be extended."""
 
 
+WORK_ONLY_FIELDS = ("replay_memory_gb",)
+"""Run settings that change how much work the search does, never its result: a resume may change them."""
+
+
 def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
     """Fields in which two run configs differ, as ``name: saved -> new`` lines.
 
     The target (ratio or count; the fraction of a cost target) may differ where a larger one extends the run
-    (prefix-consistent methods).
+    (prefix-consistent methods), and settings that change only the work (:data:`WORK_ONLY_FIELDS`) always may.
     """
-    ignored = () if saved.method in SELECTED_PER_TARGET else TARGET_FIELDS
+    ignored = WORK_ONLY_FIELDS + (() if saved.method in SELECTED_PER_TARGET else TARGET_FIELDS)
     return [
         f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}"
         for f in fields(RunConfig)

@@ -130,10 +130,12 @@ def find_steps(
 
         scorer, window_first_block = PerplexityScorer(context), 0
     else:
-        scorer = SCORERS[config.scorer](context, exhaustive=config.exhaustive)
+        options = {"replay_state_bytes": int(config.replay_memory_gb * 2**30)} if config.scorer == "fast" else {}
+        scorer = SCORERS[config.scorer](context, exhaustive=config.exhaustive, **options)
         window_first_block = config.first_candidate_block(num_blocks)
         if extras is not None:
-            extras["scoring"] = describe_scoring(context, scorer=config.scorer, exhaustive=config.exhaustive)
+            extras["scoring"] = describe_scoring(context, scorer=config.scorer, exhaustive=config.exhaustive,
+                                                 **options)
     search_target = target
     if budget is not None:
         from finercut.budgets import minimal_steps

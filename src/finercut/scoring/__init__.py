@@ -31,17 +31,22 @@ from finercut.scoring.context import (
 )
 from finercut.scoring.gram import DISTANCE_PATHS, FULL_HEAD, GRAM, GramReference, gram_applies
 from finercut.scoring.naive import NaiveScorer
-from finercut.scoring.replay import FastScorer
+from finercut.scoring.replay import DEFAULT_REPLAY_STATE_BYTES, FastScorer
 
 SCORERS: dict[str, Callable[..., Any]] = {"fast": FastScorer, "naive": NaiveScorer}
 """Scorer name -> class; both take ``(context, *, exhaustive=...)``."""
 
 
-def describe_scoring(context: ScoringContext, *, scorer: str, exhaustive: bool) -> dict:
+def describe_scoring(
+    context: ScoringContext, *, scorer: str, exhaustive: bool, replay_state_bytes: int | None = None
+) -> dict:
     """What the record says about how candidates were scored."""
     fast = scorer == "fast"
     path = GRAM if fast and gram_applies(context) else FULL_HEAD
+    if fast and replay_state_bytes is None:
+        replay_state_bytes = DEFAULT_REPLAY_STATE_BYTES
     return {
+        "replay_state_bytes": replay_state_bytes if fast else 0,
         "scorer": scorer,
         "distance_path": path,
         "distance_path_description": DISTANCE_PATHS[path],
@@ -52,7 +57,8 @@ def describe_scoring(context: ScoringContext, *, scorer: str, exhaustive: bool) 
 
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_REFERENCE_BYTES", "DISTANCE_PATHS", "FULL_HEAD", "GRAM",
+    "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_REFERENCE_BYTES", "DEFAULT_REPLAY_STATE_BYTES",
+    "DISTANCE_PATHS", "FULL_HEAD", "GRAM",
     "SCORERS", "BlockCall", "BoundedSum", "CalibrationBatch", "FastScorer", "GramReference", "NaiveScorer",
     "ReferenceOutput", "ScoringContext", "Work", "best_first", "capture_calibration", "check_finite",
     "describe_scoring", "gram_applies", "lower_bound", "run_block", "sample_order",

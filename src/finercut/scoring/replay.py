@@ -2,6 +2,12 @@
 
 * **Replay.** Each step caches the current model's input to every block. A candidate at block ``p`` leaves
   everything before ``p`` unchanged, so it is scored by replaying blocks ``p..L-1`` from the cache.
+* **Replay states kept across steps.** A candidate's replay passes through states (its input to blocks
+  ``p+1..L-1``) that removing the step's winner, at block ``q``, leaves unchanged up to block ``q``: the
+  input of block ``i <= q`` depends on blocks before ``i`` only. So they are kept (within a memory budget) and
+  the candidate's next replay starts from the latest one still valid, block ``q`` at best. The winner's own
+  states are the next model's block inputs after ``q``, so the cache refresh takes them instead of recomputing.
+  The same operations on the same inputs give the same numbers, so this changes the work, never a result.
 * **Early abort** (:mod:`finercut.scoring.bounds`): candidates are scored batch by batch, always the one with
   the smallest lower bound next, so a candidate stops as soon as its bound exceeds the winner's distance.
   ``exhaustive=True`` scores every candidate on every batch.
@@ -14,6 +20,7 @@ same distances.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -26,10 +33,23 @@ from finercut.scoring.gram import FULL_HEAD, GRAM, GramReference, gram_applies
 from finercut.search import CandidateScore
 
 
-class FastScorer:
-    """Scores candidates by replaying blocks from cached block inputs, aborting those that cannot win."""
+DEFAULT_REPLAY_STATE_BYTES = 2 * 2**30
+"""Memory for the replay states kept across steps (the hidden states of candidates' replays)."""
 
-    def __init__(self, context: ScoringContext, *, exhaustive: bool = False) -> None:
+
+class FastScorer:
+    """Scores candidates by replaying blocks from cached block inputs, aborting those that cannot win.
+
+    Args:
+        exhaustive: score every candidate on every batch (no early abort).
+        replay_state_bytes: memory for replay states kept across steps (0: keep none). When the step's
+            candidates could produce more, only the states at every ``stride``-th block are kept.
+    """
+
+    def __init__(
+        self, context: ScoringContext, *, exhaustive: bool = False,
+        replay_state_bytes: int = DEFAULT_REPLAY_STATE_BYTES,
+    ) -> None:
         self.context = context
         self.exhaustive = exhaustive
         self.gram = GramReference(context) if gram_applies(context) else None
@@ -37,6 +57,14 @@ class FastScorer:
         self._inputs = [[batch.first_block_input] + [None] * (num_blocks - 1) for batch in context.batches]
         self._valid_through = 0  # block inputs 0.._valid_through are current
         self._cached_for: list[Unit] = []
+        self.replay_state_bytes = replay_state_bytes
+        self._states: dict[tuple[Unit, int], dict[int, torch.Tensor]] = {}
+        """(candidate, batch) -> {block i: the candidate's input to block i}, every one valid for the current
+        removals."""
+        self._state_bytes = 0
+        self._stride = 1
+        self._winner_states: list[dict[int, torch.Tensor]] = []
+        """The last winner's replay states per batch, taken by the next cache refresh."""
 
     @property
     def distance_path(self) -> str:
@@ -56,6 +84,7 @@ class FastScorer:
         context = self.context
         num_batches = len(context.batches)
         self._invalidate_for(list(removed))
+        self._choose_stride(candidates)
         # The samples that carried most of the previous step's complete distances are scored first.
         hint = [c.batch_sums for c in previous if c.batch_sums is not None]
         with masked(context.model, context.adapter, removed):
@@ -79,7 +108,7 @@ class FastScorer:
     def _batch_sum(self, unit: Unit, batch_index: int) -> float:
         """``unit``'s distance summed over one batch's positions (on top of the removals already masked)."""
         with masked(self.context.model, self.context.adapter, [unit]):
-            hidden = self._replay_from(batch_index, unit.block)
+            hidden = self._replay(unit, batch_index)
             if self.gram is not None:
                 total = self.gram.distance_sum(batch_index, hidden)
             else:
@@ -88,9 +117,11 @@ class FastScorer:
 
     @torch.inference_mode()
     def restore(self, removed: Sequence[Unit]) -> None:
-        """Rebuild the cache a run would hold after removing ``removed`` (resuming), so that the next step costs
-        exactly what it costs in an uninterrupted run: only the inputs up to the last removal's block."""
+        """Rebuild the block-input cache a run would hold after removing ``removed`` (resuming): the inputs up
+        to the last removal's block. The previous step's replay states are not rebuilt, so the next step's
+        candidates replay from their own blocks (the same results, at the cost of a step without them)."""
         removed = list(removed)
+        self._drop_states()
         if not removed:
             return
         last_block = removed[-1].block
@@ -108,25 +139,70 @@ class FastScorer:
         if removed[: len(self._cached_for)] == self._cached_for:
             new_units = removed[len(self._cached_for) :]
             if new_units:
-                self._valid_through = min(self._valid_through, *(unit.block for unit in new_units))
+                first_changed = min(unit.block for unit in new_units)
+                self._valid_through = min(self._valid_through, first_changed)
+                if len(new_units) == 1:  # the last step's winner: its replay states are the new block inputs
+                    winner = new_units[0]
+                    self._winner_states = [dict(self._states.get((winner, b), {})) for b in range(len(self._inputs))]
+                self._drop_states(after_block=first_changed, units=set(new_units))
         else:
             self._valid_through = 0
+            self._drop_states()
         self._cached_for = removed
+
+    def _drop_states(self, after_block: int = -1, units: set[Unit] = frozenset()) -> None:
+        """Forget the replay states of ``units`` and every state at an input of a block after ``after_block``
+        (all of them by default)."""
+        for key in list(self._states):
+            states = self._states[key]
+            for i in [i for i in states if i > after_block or key[0] in units]:
+                self._state_bytes -= _nbytes(states.pop(i))
+            if not states:
+                del self._states[key]
+
+    def _choose_stride(self, candidates: Sequence[Unit]) -> None:
+        # Keep the states at every block if the step's candidates can produce no more than the budget left,
+        # else at every stride-th block, so that whichever block the next winner is at, a state at most a
+        # stride before it remains.
+        num_blocks = len(self._inputs[0])
+        per_batch = [_nbytes(batch.first_block_input) for batch in self.context.batches]
+        possible = sum(num_blocks - 1 - unit.block for unit in candidates) * sum(per_batch)
+        free = self.replay_state_bytes - self._state_bytes
+        self._stride = 1 if possible <= free else (math.ceil(possible / free) if free > 0 else 0)
+
+    def _keep(self, states: dict[int, torch.Tensor], block: int, hidden: torch.Tensor) -> None:
+        if self._stride and block % self._stride == 0 and block not in states:
+            size = _nbytes(hidden)
+            if self._state_bytes + size <= self.replay_state_bytes:
+                states[block] = hidden
+                self._state_bytes += size
 
     def _refresh(self) -> None:
         blocks = self.context.adapter.blocks_of(self.context.model)
         with self.context.work.timed("blocks"):
             for b, batch in enumerate(self.context.batches):
                 inputs = self._inputs[b]
+                taken = self._winner_states[b] if self._winner_states else {}
                 for i in range(self._valid_through, len(blocks) - 1):
-                    inputs[i + 1] = run_block(blocks[i], inputs[i], batch.block_calls[i])
+                    inputs[i + 1] = taken[i + 1] if i + 1 in taken else run_block(blocks[i], inputs[i],
+                                                                                  batch.block_calls[i])
+        self._winner_states = []
         self._valid_through = len(blocks) - 1
 
-    def _replay_from(self, batch_index: int, first_block: int) -> torch.Tensor:
+    def _replay(self, unit: Unit, batch_index: int) -> torch.Tensor:
+        """``unit``'s last-block output on one batch, from its latest kept state (else its block's input)."""
         blocks = self.context.adapter.blocks_of(self.context.model)
         batch = self.context.batches[batch_index]
-        hidden = self._inputs[batch_index][first_block]
+        states = self._states.setdefault((unit, batch_index), {})
+        start = max(states, default=unit.block)
+        hidden = states[start] if start in states else self._inputs[batch_index][unit.block]
         with self.context.work.timed("blocks"):
-            for i in range(first_block, len(blocks)):
+            for i in range(start, len(blocks)):
                 hidden = run_block(blocks[i], hidden, batch.block_calls[i])
+                if i + 1 < len(blocks):
+                    self._keep(states, i + 1, hidden)
         return hidden
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
