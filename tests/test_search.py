@@ -221,6 +221,23 @@ def test_resuming_evaluates_only_the_remaining_steps_with_the_same_results():
     assert resumed[3].block_executions == full[3].block_executions
 
 
+def test_a_search_driven_one_step_at_a_time_costs_what_one_call_costs():
+    # Each call after the first goes through restore(): on the scorer that ran the steps before, it keeps the
+    # block-input cache and the replay states.
+    model = tiny_model("llama", dtype=torch.float64)
+    whole = run_search(model, FastScorer, target=4)
+    context = ScoringContext.build(model, adapter_for(model), metric_named("js"), tiny_input_ids(), batch_size=2)
+    scorer, steps = FastScorer(context), []
+    try:
+        for count in range(1, 5):
+            steps = greedy_search(scorer, num_blocks=LAYERS, granularity="sublayer", target=count,
+                                  completed=steps, **WINDOW)
+    finally:
+        context.close()
+    assert [(s.unit, s.candidates, s.block_executions) for s in steps] == [
+        (s.unit, s.candidates, s.block_executions) for s in whole]
+
+
 def test_nan_logits_stop_the_search_naming_step_and_candidate(monkeypatch):
     model = tiny_model("llama")
 

@@ -57,6 +57,7 @@ class FastScorer:
         self._inputs = [[batch.first_block_input] + [None] * (num_blocks - 1) for batch in context.batches]
         self._valid_through = 0  # block inputs 0.._valid_through are current
         self._cached_for: list[Unit] = []
+        self._has_scored = False
         self.replay_state_bytes = replay_state_bytes
         self._states: dict[tuple[Unit, int], dict[int, torch.Tensor]] = {}
         """(candidate, batch) -> {block i: the candidate's input to block i}, every one valid for the current
@@ -84,6 +85,7 @@ class FastScorer:
         context = self.context
         num_batches = len(context.batches)
         self._invalidate_for(list(removed))
+        self._has_scored = True
         self._choose_stride(candidates)
         # The samples that carried most of the previous step's complete distances are scored first.
         hint = [c.batch_sums for c in previous if c.batch_sums is not None]
@@ -119,8 +121,11 @@ class FastScorer:
     def restore(self, removed: Sequence[Unit]) -> None:
         """Rebuild the block-input cache a run would hold after removing ``removed`` (resuming): the inputs up
         to the last removal's block. The previous step's replay states are not rebuilt, so the next step's
-        candidates replay from their own blocks (the same results, at the cost of a step without them)."""
+        candidates replay from their own blocks (the same results, at the cost of a step without them). A
+        scorer that itself scored the steps before keeps everything (a search driven one step at a time)."""
         removed = list(removed)
+        if self._has_scored and removed[: len(self._cached_for)] == self._cached_for:
+            return  # this scorer ran the steps before: its caches and states are current (see score)
         self._drop_states()
         if not removed:
             return
