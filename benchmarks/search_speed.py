@@ -185,13 +185,14 @@ def fast_vs_sampled_naive(model, adapter, input_ids, *, metric: str, steps: int,
         context.close()
 
 
-def full_run(model, adapter, input_ids, *, metric: str, ratio: float, window: dict, max_steps: int | None) -> None:
+def full_run(model, adapter, input_ids, *, metric: str, ratio: float, window: dict, max_steps: int | None,
+             replay_memory_gb: float = 2.0) -> None:
     num_blocks = adapter.num_blocks(model)
     target = target_count(ratio, count_units(num_blocks, "sublayer"))
     planned = target if max_steps is None else min(target, max_steps)
     started, cpu_started = time.perf_counter(), time.process_time()
     context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=BATCH["size"])
-    scorer = FastScorer(context)
+    scorer = FastScorer(context, replay_state_bytes=int(replay_memory_gb * 2**30))
     reference_seconds = time.perf_counter() - started
     flops = flop_costs(model, adapter, context)
     before = snapshot(context)
@@ -202,7 +203,7 @@ def full_run(model, adapter, input_ids, *, metric: str, ratio: float, window: di
               "aborted", flush=True)
 
     print(f"part 2: run of ratio {ratio} ({target} sub-layers), {planned} steps of it, metric {metric}, distance "
-          f"path {scorer.distance_path}", flush=True)
+          f"path {scorer.distance_path}, replay states within {replay_memory_gb:g} GiB", flush=True)
     steps = greedy_search(scorer, num_blocks=num_blocks, granularity="sublayer", target=planned, on_step=report,
                           **window)
     work = spent(before, snapshot(context), flops)
@@ -229,6 +230,9 @@ def main() -> None:
     parser.add_argument("--full-ratio", type=float, default=0.25, help="ratio of part 2 (0 skips it)")
     parser.add_argument("--full-metrics", default="js,angular")
     parser.add_argument("--full-steps", type=int, help="stop part 2 after this many steps (default: the whole run)")
+    parser.add_argument("--replay-memory", default="2",
+                        help="GiB for replay states in part 2; a comma-separated list runs part 2 once per value "
+                             "(e.g. 2,0: with and without them, one after the other in this process)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1, help="samples per batch: the early-abort granularity")
     args = parser.parse_args()
@@ -253,8 +257,9 @@ def main() -> None:
         compare_fast_naive(model, adapter, input_ids, metric=args.metric, steps=args.steps, window=window)
     if args.full_ratio:
         for metric in args.full_metrics.split(","):
-            full_run(model, adapter, input_ids, metric=metric, ratio=args.full_ratio, window=window,
-                     max_steps=args.full_steps)
+            for memory in args.replay_memory.split(","):
+                full_run(model, adapter, input_ids, metric=metric, ratio=args.full_ratio, window=window,
+                         max_steps=args.full_steps, replay_memory_gb=float(memory))
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
 
 
