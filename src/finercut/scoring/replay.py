@@ -161,7 +161,7 @@ class FastScorer:
         for key in list(self._states):
             states = self._states[key]
             for i in [i for i in states if i > after_block or key[0] in units]:
-                self._state_bytes -= _nbytes(states.pop(i))
+                self._state_bytes -= states.pop(i).nbytes
             if not states:
                 del self._states[key]
 
@@ -170,17 +170,15 @@ class FastScorer:
         # else at every stride-th block, so that whichever block the next winner is at, a state at most a
         # stride before it remains.
         num_blocks = len(self._inputs[0])
-        per_batch = [_nbytes(batch.first_block_input) for batch in self.context.batches]
-        possible = sum(num_blocks - 1 - unit.block for unit in candidates) * sum(per_batch)
+        per_block = sum(batch.first_block_input.nbytes for batch in self.context.batches)
+        possible = sum(num_blocks - 1 - unit.block for unit in candidates) * per_block
         free = self.replay_state_bytes - self._state_bytes
         self._stride = 1 if possible <= free else (math.ceil(possible / free) if free > 0 else 0)
 
     def _keep(self, states: dict[int, torch.Tensor], block: int, hidden: torch.Tensor) -> None:
-        if self._stride and block % self._stride == 0 and block not in states:
-            size = _nbytes(hidden)
-            if self._state_bytes + size <= self.replay_state_bytes:
-                states[block] = hidden
-                self._state_bytes += size
+        if self._stride and block % self._stride == 0 and self._state_bytes + hidden.nbytes <= self.replay_state_bytes:
+            states[block] = hidden
+            self._state_bytes += hidden.nbytes
 
     def _refresh(self) -> None:
         blocks = self.context.adapter.blocks_of(self.context.model)
@@ -207,7 +205,3 @@ class FastScorer:
                 if i + 1 < len(blocks):
                     self._keep(states, i + 1, hidden)
         return hidden
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
