@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -54,3 +55,34 @@ def test_prune_with_blockpruner_removes_the_lowest_perplexity_candidate_first():
                    progress=False)
     assert blocks.removed[0].kind == BLOCK
     assert len(all_units(4, "sublayer")) == 8
+
+
+def test_metric_ppl_is_blockpruner():
+    from finercut.errors import ConfigError
+    from finercut.record import RunConfig
+
+    alias = RunConfig(metric="ppl", ratio=0.25)
+    assert (alias.method, alias.metric, alias.granularity) == ("blockpruner", "ppl", "sublayer")
+    assert RunConfig(method="blockpruner", ratio=0.25) == alias
+    # A run saved before the alias existed holds BlockPruner with the default js: it reads back as the same run.
+    assert RunConfig.from_dict({**alias.to_dict(), "metric": "js"}) == alias
+    with pytest.raises(ConfigError, match="method blockpruner .* not .* angular"):
+        RunConfig(method="blockpruner", metric="angular", ratio=0.25)
+    with pytest.raises(ConfigError, match="works with method blockpruner .* not shapley"):
+        RunConfig(method="shapley", metric="ppl", ratio=0.25)
+
+
+def test_cli_metric_ppl_runs_the_blockpruner_search(tmp_path, tiny_model_dir, word_text):
+    from finercut.cli import main
+
+    records = {}
+    for name, option in (("alias", ["--metric", "ppl"]), ("method", ["--method", "blockpruner"])):
+        output = tmp_path / name
+        assert main(["prune", "--model", str(tiny_model_dir), "--calibration", str(word_text), "--samples", "2",
+                     "--seq-len", "12", "--threads", "1", "--no-progress", "--no-save-model", "--count", "2",
+                     "--output", str(output), *option]) == 0
+        records[name] = json.loads((output / "record.json").read_text())
+    alias, method = records["alias"], records["method"]
+    assert (alias["method"], alias["metric"]) == ("blockpruner", "ppl")
+    assert alias["removed"] == method["removed"]
+    assert [s["distance"] for s in alias["steps"]] == [s["distance"] for s in method["steps"]]

@@ -88,7 +88,8 @@ def _add_prune_parser(commands) -> None:
                         help="shapley: random orders of removal sampled (default 10)")
     search.add_argument("--truncation", dest="shapley_truncation", type=float,
                         help="shapley: stop a walk once its distance is within this fraction of removing everything")
-    search.add_argument("--metric", help="js (default), angular, euclidean, js_official")
+    search.add_argument("--metric", help="js (default), angular, euclidean, js_official; ppl: BlockPruner's "
+                                          "calibration perplexity (the same as --method blockpruner)")
     search.add_argument("--granularity", help="sublayer (default: attention and FFN separately) or block")
     search.add_argument("--only", choices=("attention", "ffn"),
                         help="only sub-layers of this kind are candidates; --ratio then counts them (L units)")

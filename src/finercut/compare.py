@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from finercut.adapters import adapter_for
+from finercut.distances import METRICS
 from finercut.candidates import Unit, count_units, removed_sublayers, target_count
 from finercut.errors import ConfigError
 from finercut.masking import masked
@@ -98,6 +99,9 @@ class CompareConfig:
         bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
         if bad:
             raise ConfigError(f"ratios must be in [0, 1) (0 = the dense model), got {bad}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"compare's metric is FinerCut's output distance, one of {', '.join(METRICS)}; for "
+                              "BlockPruner's perplexity score add blockpruner to the methods")
         if not any(r > 0 for r in self.ratios) or not self.methods:
             raise ConfigError("compare needs at least one method and one ratio above 0")
 

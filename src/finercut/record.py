@@ -37,6 +37,11 @@ METHOD_GRANULARITIES = {
 ONLY_METHODS = ("finercut", "random", "shapley", "blockpruner")
 """Methods that can restrict their candidates to one kind of sub-layer (``only``)."""
 SCORER_NAMES = ("fast", "naive")
+PERPLEXITY_METRIC = "ppl"
+"""BlockPruner's score, the calibration perplexity of the pruned model: ``metric="ppl"`` and
+``method="blockpruner"`` name the same search."""
+DISTANCE_METRIC_METHODS = ("finercut", "shapley")
+"""Methods that score by an output distance to the original model (``metric``)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class RunConfig:
     """method shapley: truncate a walk once its distance is this fraction from removing everything."""
 
     def __post_init__(self) -> None:
+        self._resolve_perplexity_metric()
         _check_choice("method", self.method, tuple(METHOD_GRANULARITIES))
         if self.granularity is None:
             object.__setattr__(self, "granularity", METHOD_GRANULARITIES[self.method][0])
@@ -107,7 +113,7 @@ class RunConfig:
             if self.granularity != "sublayer" or self.method not in ONLY_METHODS:
                 raise ConfigError(f"only={self.only} needs granularity sublayer and a method that scores sub-layers "
                                   f"({', '.join(ONLY_METHODS)}), not {self.method} with {self.granularity}")
-        _check_choice("metric", self.metric, tuple(METRICS))
+        _check_choice("metric", self.metric, (*METRICS, PERPLEXITY_METRIC))
         _check_choice("scorer", self.scorer, SCORER_NAMES)
         if sum(value is not None for value in (self.ratio, self.count, self.cost_target)) != 1:
             raise ConfigError("give exactly one of ratio, count and a cost target")
@@ -129,6 +135,20 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+    def _resolve_perplexity_metric(self) -> None:
+        """``metric="ppl"`` selects BlockPruner; BlockPruner's metric is always ``ppl``. Runs saved before the
+        alias existed hold BlockPruner with the default ``js``, which reads back as ``ppl``."""
+        if self.metric == PERPLEXITY_METRIC and self.method not in ("finercut", "blockpruner"):
+            raise ConfigError(f"metric ppl is BlockPruner's calibration perplexity and works with method blockpruner "
+                              f"(or no method), not {self.method}; {self.method} takes one of {', '.join(METRICS)}")
+        if self.metric == PERPLEXITY_METRIC:
+            object.__setattr__(self, "method", "blockpruner")
+        elif self.method == "blockpruner":
+            if self.metric != "js":
+                raise ConfigError(f"method blockpruner scores candidates by calibration perplexity, not by "
+                                  f"{self.metric}; leave the metric unset or give metric ppl")
+            object.__setattr__(self, "metric", PERPLEXITY_METRIC)
 
     def _check_cost_target(self) -> None:
         from finercut.budgets import MEASURES
@@ -286,7 +306,7 @@ def build_record(
         "created": now_iso(),
         "method": config.method,
         "granularity": config.granularity,
-        "metric": config.metric if config.method == "finercut" else None,
+        "metric": config.metric if config.method in (*DISTANCE_METRIC_METHODS, "blockpruner") else None,
         "scorer": config.scorer if config.method == "finercut" else None,
         "model": {**model_info, "num_blocks": num_blocks},
         "calibration": calibration_info,

@@ -21,7 +21,7 @@ from finercut import baselines
 from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
 from finercut.candidates import Unit, all_units, count_units, window_applies
-from finercut.distances import metric_named
+from finercut.distances import METRICS, Metric, metric_named
 from finercut.distributed import DistributedScorer, current_world, init_world
 from finercut.errors import UserError
 from finercut.modelio import (
@@ -171,6 +171,12 @@ def find_steps(
         bar.close()
 
 
+def context_distance(config: RunConfig) -> Metric:
+    """The output distance a scoring context prepares its reference for. BlockPruner (metric ``ppl``) scores by
+    perplexity and never reads the reference, so the default distance stands in (prepared lazily: no cost)."""
+    return metric_named(config.metric if config.metric in METRICS else RunConfig.metric)
+
+
 def _progress_bar(*, num_blocks: int, config: RunConfig, done: int, target: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -242,7 +248,8 @@ def prune(
         if config.cost_target:
             costs, budget = _run_budget(model, config, input_ids, FolderState(), num_blocks, current_world())
         started = time.perf_counter()
-        context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=batch_size)
+        context = ScoringContext.build(model, adapter, context_distance(config), input_ids,
+                                       batch_size=batch_size)
         reference_seconds = time.perf_counter() - started
         try:
             steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress,
@@ -468,7 +475,7 @@ def run_in_folder(
     if len(completed) == target or (budget is not None and budget.met([step.unit for step in completed])):
         steps = completed  # the search finished earlier; only its outputs are missing
     else:
-        context = ScoringContext.build(model, adapter, metric_named(config.metric), input_ids,
+        context = ScoringContext.build(model, adapter, context_distance(config), input_ids,
                                        batch_size=config.batch_size)
         reference_seconds = time.perf_counter() - started
         try:
