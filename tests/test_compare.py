@@ -4,8 +4,10 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from finercut.compare import CompareConfig, run_compare
+from finercut.errors import ConfigError
 
 
 @pytest.fixture
@@ -49,3 +51,50 @@ def test_compare_writes_table_figures_and_reuses_results(tmp_path, config):
                        progress=False).read_text()
     assert "| FinerCut | 25% | 25.0% |" in text and "50%" not in text.split("## Figures")[0]
     assert sorted(path.name for path in (tmp_path / "compare" / "runs").iterdir()) == runs
+
+
+def test_compare_recoveries_and_equal_budget_rows(tmp_path, config):
+    """FinerCut at 37.5% of 4 blocks removes round(3) = 3 sub-layers, the block methods round(1.5) = 2 blocks = 4:
+    an equal-budget FinerCut row at 4, and each recovery evaluated on FinerCut's removal equals the physically
+    recovered model built by finercut.recover from the same windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finercut import recover
+    from finercut.candidates import Unit
+    from finercut.evaluation import windowed_perplexity
+
+    config = dataclasses.replace(config, methods=("finercut", "shortgpt"), ratios=(0.0, 0.375),
+                                 recoveries=("bias", "linear-run"), equal_budget=True, recovery_samples=2,
+                                 recovery_seq_len=10, tasks=("arc_easy",))
+    output = tmp_path / "compare"
+    text = run_compare(config, output, report=tmp_path / "results.md", log=lambda m: None,
+                       progress=False).read_text()
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    rows = [line.split(" | ") for line in lines[header + 2 : lines.index("", header)]]
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("| Dense", "0%", "0"), ("| FinerCut", "38%", "3"), ("| FinerCut + bias", "38%", "3"),
+        ("| FinerCut + linear-run", "38%", "3"), ("| FinerCut", "38%", "4"), ("| ShortGPT", "38%", "4")]
+    record = json.loads((output / "runs" / "finercut" / "record.json").read_text())
+    assert len(record["removed"]) == 4, "the FinerCut run is extended to the block methods' count"
+
+    results = [json.loads(p.read_text()) for p in (output / "results").glob("*.json") if "stats" not in p.name]
+    recovered = {r["recovery"]["recovery"]: r for r in results if "recovery" in r}
+    assert set(recovered) == {"bias", "linear-run"}
+    removed = [Unit.from_dict(u) for u in record["removed"][:3]]
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    for spec, options in (("bias", dict(method="bias")), ("linear-run", dict(method="linear", group="run"))):
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+        dense_parameters = sum(p.numel() for p in model.parameters())
+        model, fit = recover(model, removed, tokenizer=tokenizer, calibration=config.calibration,
+                             data_dir=config.data_dir, num_samples=2, seq_len=10, seed=config.seed, **options)
+        expected = windowed_perplexity(model, tokenizer, data_dir=config.data_dir, window_length=config.ppl_window,
+                                       max_windows=config.ppl_max_windows)
+        result = recovered[spec]
+        assert result["stages"]["windowed_perplexity"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+        assert result["fit"]["extra_parameters"] == fit.extra_parameters > 0
+        net = result["parameters"]["removed"] - result["fit"]["extra_parameters"]
+        assert dense_parameters - sum(p.numel() for p in model.parameters()) == net
+    assert "| FinerCut + linear-run | 38% |" in text.split("Recovery without fine-tuning")[1]
+    with pytest.raises(ConfigError, match="unknown recovery 'lowrank'"):
+        dataclasses.replace(config, recoveries=("lowrank",))

@@ -393,6 +393,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         device=args.device, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
         ppl_max_windows=args.ppl_max_windows, lm_eval_wikitext_docs=args.wikitext_docs,
         eval_batch_size=args.batch_size, threads=args.threads, eval_threads=args.eval_threads,
+        recoveries=tuple(spec for spec in args.recover.split(",") if spec), equal_budget=args.equal_budget,
+        recovery_samples=args.recover_samples, recovery_seq_len=args.recover_seq_len,
     )
     command = "finercut compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "finercut compare"
     shard = None
@@ -490,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     compare.add_argument("--threads", type=int, help="CPU threads of the pruning runs")
     compare.add_argument("--eval-threads", type=int, help="CPU threads of the evaluations (default: --threads)")
+    compare.add_argument("--recover", default="",
+                         help="comma-separated recoveries evaluated for every FinerCut model: bias, linear, "
+                              "lowrank<R> (e.g. lowrank64), each optionally -run (one replacement per run of "
+                              "consecutive removed sub-layers)")
+    compare.add_argument("--recover-samples", type=int, default=32, help="calibration windows of the fits")
+    compare.add_argument("--recover-seq-len", type=int, default=512, help="tokens per fitting window")
+    compare.add_argument("--equal-budget", action="store_true",
+                         help="also evaluate FinerCut at the block methods' sub-layer count (2 round(r L)) where "
+                              "its own round(2 r L) differs")
     compare.add_argument("--output", "-o", required=True, help="folder for runs and cached results")
     compare.add_argument("--report", help="Markdown report path (default: OUTPUT/results.md)")
     compare.add_argument("--no-progress", dest="progress", action="store_false")

@@ -25,7 +25,9 @@ from finercut.adapters import adapter_for
 from finercut.distances import METRICS
 from finercut.candidates import Unit, count_units, removed_sublayers, target_count
 from finercut.errors import ConfigError
-from finercut.masking import masked
+from finercut.recovery import DEFAULT_NUM_SAMPLES as DEFAULT_RECOVERY_SAMPLES
+from finercut.recovery import DEFAULT_SEQ_LEN as DEFAULT_RECOVERY_SEQ_LEN
+from finercut.recovery import masked_with_replacements, parse_recovery_spec
 from finercut.modelio import load_model, load_tokenizer, resolve_model_source
 from finercut.plots import plot_layer_map, plot_metric_vs_ratio
 from finercut.record import (
@@ -91,6 +93,15 @@ class CompareConfig:
     stats_ratio: float = 0.25
     stats_context: int = 2048
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    recoveries: tuple[str, ...] = ()
+    """Recovery variants of every FinerCut model (:func:`finercut.recovery.parse_recovery_spec`: ``bias``,
+    ``linear``, ``lowrank64``, each optionally ``-run``), fitted on ``recovery_samples`` windows of
+    ``recovery_seq_len`` tokens of the calibration text (the WikiText-2 validation split by default)."""
+    recovery_samples: int = DEFAULT_RECOVERY_SAMPLES
+    recovery_seq_len: int = DEFAULT_RECOVERY_SEQ_LEN
+    equal_budget: bool = False
+    """Also evaluate FinerCut at the sub-layer count the block methods remove (2 round(r L), e.g. 16 of 60 at
+    25% of 30 blocks, where FinerCut's own round(2 r L) is 15), so the comparison holds at equal budgets."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in COMPARE_METHODS]
@@ -102,6 +113,10 @@ class CompareConfig:
         if self.metric not in METRICS:
             raise ConfigError(f"compare's metric is FinerCut's output distance, one of {', '.join(METRICS)}; for "
                               "BlockPruner's perplexity score add blockpruner to the methods")
+        for spec in self.recoveries:
+            parse_recovery_spec(spec)
+        if (self.recoveries or self.equal_budget) and "finercut" not in self.methods:
+            raise ConfigError("recoveries and the equal-budget rows apply to FinerCut: add finercut to the methods")
         if not any(r > 0 for r in self.ratios) or not self.methods:
             raise ConfigError("compare needs at least one method and one ratio above 0")
 
@@ -110,6 +125,11 @@ class CompareConfig:
         keys = ("data_dir", "dtype", "tasks", "limit", "mmlu_limit_per_subject", "ppl_window", "ppl_max_windows",
                 "lm_eval_wikitext_docs", "eval_batch_size")
         return {key: getattr(self, key) for key in keys}
+
+    def recovery_settings(self, spec: str) -> dict:
+        """What a recovered variant's evaluation depends on beyond the removed sub-layers and the evaluation."""
+        return {"recovery": spec, "calibration": self.calibration, "num_samples": self.recovery_samples,
+                "seq_len": self.recovery_seq_len, "seed": self.seed}
 
     def run_config(self, method: str, ratio: float) -> RunConfig:
         settings = COMPARE_METHODS[method]
@@ -130,16 +150,34 @@ class Variant:
     ratio: float
     removed: tuple[Unit, ...]
     summary: dict = field(default_factory=dict)
+    recovery: str | None = None
+    """A recovery spec (``linear-run``, ...): the removed sub-layers are replaced by maps fitted for them."""
+    equal_budget: bool = False
+    """FinerCut at the block methods' sub-layer count for ``ratio`` instead of its own."""
 
     @property
     def sublayers(self) -> list[Unit]:
         return sorted(removed_sublayers(self.removed), key=lambda unit: unit.sort_key)
 
+    @property
+    def plain(self) -> bool:
+        """A method at its own budget, without recovery (what the figures' layer maps and statistics show)."""
+        return self.recovery is None and not self.equal_budget
 
-def result_key(variant: Variant, settings: dict) -> str:
-    """Cache key of an evaluation: the set of removed sub-layers and the evaluation settings."""
-    payload = json.dumps({"removed": [u.to_dict() for u in variant.sublayers], "settings": settings}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    @property
+    def label(self) -> str:
+        if self.method == "dense":
+            return "Dense"
+        return COMPARE_METHODS[self.method]["label"] + (f" + {self.recovery}" if self.recovery else "")
+
+
+def result_key(variant: Variant, settings: dict, recovery: dict | None = None) -> str:
+    """Cache key of an evaluation: the set of removed sub-layers, the evaluation settings and (for a recovered
+    variant) the recovery's settings."""
+    payload = {"removed": [u.to_dict() for u in variant.sublayers], "settings": settings}
+    if recovery is not None:
+        payload["recovery"] = recovery
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, log: Log) -> list[Variant]:
@@ -152,28 +190,43 @@ def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, l
                 if method in SELECTED_PER_RATIO else [(max(ratios), output_dir / "runs" / method)])
         records = {run_ratio: _pruned_record(config, method, run_ratio, folder, progress=progress, log=log)
                    for run_ratio, folder in runs}
+        if method == "finercut" and config.equal_budget:  # the block methods' count may exceed FinerCut's own
+            num_blocks = records[max(ratios)]["model"]["num_blocks"]
+            needed = max(max(target_count(r, 2 * num_blocks), 2 * target_count(r, num_blocks)) for r in ratios)
+            if len(records[max(ratios)]["removed"]) < needed:
+                records[max(ratios)] = _pruned_record(config, method, max(ratios), runs[0][1], count=needed,
+                                                      progress=progress, log=log)
         for ratio in ratios:
             record = records.get(ratio, records[max(records)])
             num_blocks = record["model"]["num_blocks"]
-            kept = tuple(removed_units(record)[: target_count(ratio, count_units(num_blocks, granularity))])
-            variants.append(Variant(method, ratio, kept,
-                                    removal_summary(kept, num_blocks=num_blocks, granularity=granularity)))
+            counts = [(target_count(ratio, count_units(num_blocks, granularity)), False)]
+            if method == "finercut" and config.equal_budget and 2 * target_count(ratio, num_blocks) != counts[0][0]:
+                counts.append((2 * target_count(ratio, num_blocks), True))
+            for count, equal_budget in counts:
+                kept = tuple(removed_units(record)[:count])
+                summary = removal_summary(kept, num_blocks=num_blocks, granularity=granularity)
+                variants.append(Variant(method, ratio, kept, summary, equal_budget=equal_budget))
+                if method == "finercut" and not equal_budget:
+                    variants += [Variant(method, ratio, kept, summary, recovery=spec) for spec in config.recoveries]
     return variants
 
 
 def _pruned_record(config: CompareConfig, method: str, ratio: float, folder: Path, *, progress: bool,
-                   log: Log) -> dict:
-    """The record of ``method`` pruned to ``ratio`` in ``folder``: reused if the folder already holds the same
-    run taken at least that far (a greedy run holds every shorter one as its prefix), else run or extended."""
+                   log: Log, count: int | None = None) -> dict:
+    """The record of ``method`` pruned to ``ratio`` (or to ``count`` units) in ``folder``: reused if the folder
+    already holds the same run taken at least that far (a greedy run holds every shorter one as its prefix), else
+    run or extended."""
     run_config = config.run_config(method, ratio)
+    if count is not None:
+        run_config = run_config.replace(ratio=None, count=count)
     if (folder / "record.json").is_file() and method not in SELECTED_PER_RATIO:
         saved = RunConfig.from_dict(read_json(folder / "run.json")["config"])
         record = read_json(folder / "record.json")
-        needed = target_count(ratio, count_units(record["model"]["num_blocks"], saved.granularity))
+        needed = count or target_count(ratio, count_units(record["model"]["num_blocks"], saved.granularity))
         if not config_differences(saved, resolve_run_config(run_config, saved)) and len(record["removed"]) >= needed:
             log(f"compare: reusing {method} run in {folder} ({len(record['removed'])} units removed)")
             return record
-    log(f"compare: pruning with {method} to ratio {ratio:g} in {folder}")
+    log(f"compare: pruning with {method} to " + (f"{count} units" if count else f"ratio {ratio:g}") + f" in {folder}")
     return run_in_folder(run_config, folder, progress=progress, log=log).record
 
 
@@ -183,10 +236,15 @@ def evaluate_variant(model, tokenizer, variant: Variant, config: CompareConfig, 
     from finercut.evaluation import evaluate_tasks, lm_eval_wikitext_perplexity, windowed_perplexity
 
     settings = config.evaluation_settings()
-    path = results_dir / f"{result_key(variant, settings)}.json"
+    recovery = config.recovery_settings(variant.recovery) if variant.recovery else None
+    path = results_dir / f"{result_key(variant, settings, recovery)}.json"
     result = read_json(path) if path.exists() else {
         "removed_sublayers": [u.to_dict() for u in variant.sublayers], "settings": settings, "stages": {},
+        **({"recovery": recovery} if recovery else {}),
     }
+    if "parameters" not in result:
+        result["parameters"] = _removed_parameters(model, variant.sublayers)
+        write_json_atomic(path, result)
     stages = {
         "windowed_perplexity": lambda: dataclasses.asdict(windowed_perplexity(
             model, tokenizer, data_dir=config.data_dir, window_length=config.ppl_window,
@@ -198,16 +256,44 @@ def evaluate_variant(model, tokenizer, variant: Variant, config: CompareConfig, 
             mmlu_limit_per_subject=config.mmlu_limit_per_subject, batch_size=config.eval_batch_size)),
     }
     adapter = adapter_for(model)
-    for name, run_stage in stages.items():
-        if name in result["stages"]:
-            continue
-        log(f"compare: {variant.method} @ {variant.ratio:g}: {name}")
+    missing = [name for name in stages if name not in result["stages"]]
+    replacements: list = []
+    if variant.recovery and missing:  # fitted again for every invocation that still has stages to run
+        replacements = _fit_recovery(model, tokenizer, variant, config, result, path, log)
+    for name in missing:
+        log(f"compare: {variant.label} @ {variant.ratio:g} ({len(variant.sublayers)} sub-layers): {name}")
         started = time.perf_counter()
-        with masked(model, adapter, variant.removed):
-            value = run_stage()
+        with masked_with_replacements(model, adapter, variant.removed, replacements):
+            value = stages[name]()
         result["stages"][name] = {**value, "seconds": time.perf_counter() - started}
         write_json_atomic(path, result)
     return result
+
+
+def _removed_parameters(model, sublayers: Sequence[Unit]) -> dict:
+    """Parameters of the dense model and of the sub-layers a variant removes (their modules and own norms)."""
+    from finercut.budgets import sublayer_parameters
+
+    per_unit = sublayer_parameters(model)
+    return {"dense": sum(p.numel() for p in model.parameters()), "removed": sum(per_unit[u] for u in sublayers)}
+
+
+def _fit_recovery(model, tokenizer, variant: Variant, config: CompareConfig, result: dict, path: Path,
+                  log: Log) -> list:
+    """Fit ``variant``'s replacements on the dense model; the first fit's cost is kept in the result."""
+    from finercut.recovery import fit_recovery, recovery_samples
+
+    options = parse_recovery_spec(variant.recovery)
+    input_ids, _ = recovery_samples(tokenizer, input_ids=None, calibration=config.calibration,
+                                    data_dir=config.data_dir, num_samples=config.recovery_samples,
+                                    seq_len=config.recovery_seq_len, seed=config.seed)
+    log(f"compare: {variant.label} @ {variant.ratio:g}: fitting on {input_ids.numel()} tokens")
+    replacements, errors, seconds = fit_recovery(model, list(variant.removed), input_ids, **options)
+    if "fit" not in result:
+        result["fit"] = {"seconds": seconds, "tokens": int(input_ids.numel()),
+                         "extra_parameters": sum(r.parameters for r in replacements), "errors": errors}
+        write_json_atomic(path, result)
+    return replacements
 
 
 def _task_results_dict(results) -> dict:
@@ -273,7 +359,7 @@ def _stats_and_samples(model, tokenizer, variants: Sequence[Variant], config: Co
     from finercut.evaluation.stats import greedy_samples, model_stats
 
     chosen = [v for v in variants if v.method == "dense"]
-    chosen += [v for v in variants if v.method != "dense" and v.ratio == config.stats_ratio]
+    chosen += [v for v in variants if v.method != "dense" and v.ratio == config.stats_ratio and v.plain]
     key = json.dumps({"model": config.model, "context": config.stats_context, "prompts": config.prompts,
                       "variants": {v.method: [u.to_dict() for u in v.sublayers] for v in chosen}}, sort_keys=True)
     cache = output_dir / "results" / f"stats-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -301,7 +387,7 @@ def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str
     for variant, result in zip(variants, results):
         if variant.method == "dense":
             continue
-        label = COMPARE_METHODS[variant.method]["label"]
+        label = variant.label
         stages = result["stages"]
         accuracy.setdefault(label, []).append((variant.summary["sublayer_ratio"], 100 * stages["tasks"]["average"]))
         perplexity.setdefault(label, []).append((variant.summary["sublayer_ratio"],
@@ -318,7 +404,7 @@ def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str
                                            log_y=True),
     }
     for variant in variants:
-        if variant.method == "finercut" and variant.removed:
+        if variant.method == "finercut" and variant.removed and variant.plain:
             record = read_json(output_dir / "runs" / "finercut" / "record.json")
             path = figures_dir / f"layer_map_finercut_r{variant.ratio:g}.png"
             prefix = {**record, "reached": variant.summary}
@@ -333,17 +419,22 @@ def _stage_minutes(results: Sequence[dict]) -> float:
 
 
 def _variant_label(variant: Variant) -> str:
-    if variant.method == "dense":
-        return "Dense"
-    return f"{COMPARE_METHODS[variant.method]['label']} {variant.ratio:.0%}"
+    return variant.label if variant.method == "dense" else f"{variant.label} {variant.ratio:.0%}"
+
+
+def _net_removed_parameters(result: dict) -> float:
+    """Fraction of the dense model's parameters a variant removes, net of its replacements' parameters."""
+    parameters = result["parameters"]
+    return (parameters["removed"] - result.get("fit", {}).get("extra_parameters", 0)) / parameters["dense"]
 
 
 def _results_table(variants, results, tasks: list[str], *, headline: bool) -> list[str]:
     """Table-1-style rows: per variant, each task's accuracy ± stderr, the average and both perplexities."""
     lines = [
-        "| method | target | reached | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks)
+        "| method | target | reached | sub-layers | params removed | "
+        + " | ".join(TASK_LABELS.get(t, t) for t in tasks)
         + " | average | ppl (a) | word ppl (b) |",
-        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+        "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
     ]
     for variant, result in zip(variants, results):
         stages = result["stages"]
@@ -354,14 +445,38 @@ def _results_table(variants, results, tasks: list[str], *, headline: bool) -> li
             metric = "acc_norm" if headline and score["acc_norm"] is not None else "acc"
             cells.append(_pct(score[metric], score[f"{metric}_stderr"]))
         average = stages["tasks"]["average" if headline else "average_acc"]
-        label = "Dense" if variant.method == "dense" else COMPARE_METHODS[variant.method]["label"]
         reached = variant.summary.get("sublayer_ratio", 0.0)
         lines.append(
-            f"| {label} | {variant.ratio:.0%} | {reached:.1%} | " + " | ".join(cells)
+            f"| {variant.label} | {variant.ratio:.0%} | {reached:.1%} | {len(variant.sublayers)} "
+            f"| {_net_removed_parameters(result):.1%} | " + " | ".join(cells)
             + f" | {_pct(average)} | {stages['windowed_perplexity']['ppl']:.2f} "
             f"| {stages['lm_eval_wikitext']['word_perplexity']:.2f} |"
         )
     return lines
+
+
+def _recovery_table(variants, results) -> list[str]:
+    """Per recovered variant: the fit's cost and how much of the perplexity gap to the dense model it closes."""
+    by_removal = {(v.method, tuple(v.sublayers)): r for v, r in zip(variants, results) if v.plain}
+    dense = next((r for v, r in zip(variants, results) if v.method == "dense"), None)
+    rows = []
+    for variant, result in zip(variants, results):
+        plain = by_removal.get((variant.method, tuple(variant.sublayers)))
+        if not variant.recovery or plain is None:
+            continue
+        before, after = (r["stages"]["windowed_perplexity"]["ppl"] for r in (plain, result))
+        gap = None if dense is None else before - dense["stages"]["windowed_perplexity"]["ppl"]
+        closed = "–" if not gap else f"{(before - after) / gap:.0%}"
+        fit = result["fit"]
+        rows.append(f"| {variant.label} | {variant.ratio:.0%} | {before:.2f} | {after:.2f} | {closed} "
+                    f"| {fit['extra_parameters'] / result['parameters']['dense']:.2%} | {fit['seconds']:.1f} s |")
+    if not rows:
+        return []
+    return ["", "Recovery without fine-tuning: perplexity (a) without and with the fitted replacements, the part of "
+            "the gap to the dense model they close, their parameters (of the dense model's) and the fit's time on "
+            "this machine (closed form, one pass over the calibration tokens):", "",
+            "| method | target | ppl (a) without | with | gap closed | extra parameters | fit |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def _pct(value: float | None, stderr: float | None = None) -> str:
@@ -419,6 +534,7 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         "",
         *_results_table(variants, results, tasks, headline=False),
     ]
+    lines += _recovery_table(variants, results)
     lines += ["", "## Figures", ""]
     for name, path in figures.items():
         lines.append(f"![{name}]({path.relative_to(report_dir).as_posix()})")

@@ -323,6 +323,24 @@ def check_recovery_options(method: str, *, rank: int | None, ridge: float, group
         raise ConfigError(f"unknown recovery group {group!r}; choose one of {GROUPS}")
 
 
+def parse_recovery_spec(spec: str) -> dict:
+    """A recovery named in one word, as ``finercut compare --recover`` takes it: ``bias``, ``linear`` or
+    ``lowrank<R>``, with ``-run`` for one replacement per run of consecutive removed sub-layers.
+
+    >>> parse_recovery_spec("lowrank64-run")
+    {'method': 'lowrank', 'rank': 64, 'group': 'run'}
+    """
+    name, _, group = spec.partition("-")
+    method = name.rstrip("0123456789")
+    rank = int(name[len(method):]) if name != method else None
+    if group not in ("", "run") or method not in REPLACEMENT_MAPS or (method == "lowrank") != (rank is not None):
+        raise ConfigError(f"unknown recovery {spec!r}: give bias, linear or lowrank<R> (e.g. lowrank64), each "
+                          "optionally with -run (one replacement per run of consecutive removed sub-layers)")
+    options = {"method": method, "rank": rank, "group": group or "sublayer"}
+    check_recovery_options(**options, ridge=0.0)
+    return options
+
+
 def recovery_samples(
     tokenizer: Any, *, input_ids: torch.Tensor | None, calibration: str, data_dir: str | os.PathLike | None,
     num_samples: int, seq_len: int, seed: int,
@@ -376,7 +394,7 @@ def recover(
         raise ConfigError(f"unknown recovery target {target!r}; choose one of {TARGETS}")
     if is_pruned(model):
         raise ConfigError("recover needs the dense model (its removed sub-layers compute the targets)")
-    adapter = adapter_for(model)
+    adapter_for(model)  # an unknown architecture fails here, before any calibration work
     if getattr(model.config, "use_parallel_residual", False):
         raise ConfigError("recovery supports sequential blocks only; this model has a parallel residual")
     units = [unit if isinstance(unit, Unit) else Unit.from_dict(unit) for unit in removed]
@@ -386,7 +404,32 @@ def recover(
     input_ids, calibration_info = recovery_samples(tokenizer, input_ids=input_ids, calibration=calibration,
                                                    data_dir=data_dir, num_samples=num_samples, seq_len=seq_len,
                                                    seed=seed)
-    groups = replacement_groups(units, num_blocks=adapter.num_blocks(model), group=group)
+    replacements, errors, seconds = fit_recovery(model, units, input_ids, method=method, rank=rank, ridge=ridge,
+                                                 group=group, target=target, skip_first=skip_first,
+                                                 batch_size=batch_size)
+    apply_removal(model, units, num_blocks=num_blocks, replacements=[(r.entry, r.tensors) for r in replacements])
+    result = RecoveryResult(
+        replacements=replacements, method=method, rank=rank, ridge=ridge, group=group, target=target,
+        calibration=calibration_info,
+        seconds=seconds, tokens=int(input_ids.numel()), extra_parameters=sum(r.parameters for r in replacements),
+        residual_error=errors,
+    )
+    return model, result
+
+
+def fit_recovery(
+    model: nn.Module, removed: Sequence[Unit], input_ids: torch.Tensor, *, method: str, rank: int | None = None,
+    ridge: float = 0.0, group: str = "sublayer", target: str = "sublayer", skip_first: int = 0,
+    batch_size: int | None = None,
+) -> tuple[list[Replacement], list[dict], float]:
+    """Fit the replacements of ``removed`` on the calibration ids ``[samples, seq]``; the dense ``model`` is left
+    unchanged (use them with :func:`masked_with_replacements`, or let :func:`recover` build the pruned model).
+
+    Returns:
+        The replacements, their fit errors (as :func:`fit_replacements`) and the seconds the fit took.
+    """
+    adapter = adapter_for(model)
+    groups = replacement_groups(removed, num_blocks=adapter.num_blocks(model), group=group)
     was_training = model.training
     model.eval()
     started = time.perf_counter()
@@ -397,15 +440,7 @@ def recover(
                                                 ridge=ridge, target=target, skip_first=skip_first)
     finally:
         model.train(was_training)
-    seconds = time.perf_counter() - started
-    apply_removal(model, units, num_blocks=num_blocks, replacements=[(r.entry, r.tensors) for r in replacements])
-    result = RecoveryResult(
-        replacements=replacements, method=method, rank=rank, ridge=ridge, group=group, target=target,
-        calibration=calibration_info,
-        seconds=seconds, tokens=int(input_ids.numel()), extra_parameters=sum(r.parameters for r in replacements),
-        residual_error=errors,
-    )
-    return model, result
+    return replacements, errors, time.perf_counter() - started
 
 
 @contextmanager
