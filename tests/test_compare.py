@@ -98,3 +98,22 @@ def test_compare_recoveries_and_equal_budget_rows(tmp_path, config):
     assert "| FinerCut + linear-run | 38% |" in text.split("Recovery without fine-tuning")[1]
     with pytest.raises(ConfigError, match="unknown recovery 'lowrank'"):
         dataclasses.replace(config, recoveries=("lowrank",))
+
+
+def test_compare_attention_only_at_its_own_ratio(tmp_path, config):
+    """``finercut_attention@0.5`` prunes half of the 4 attention sub-layers, whatever the shared ratios are."""
+    from finercut.compare import prune_variants, split_method
+    from finercut.pruned_modeling import ATTENTION
+
+    config = dataclasses.replace(config, methods=("finercut_attention@0.5", "shortgpt"), ratios=(0.0, 0.25))
+    variants = prune_variants(config, tmp_path, progress=False, log=lambda m: None)
+    assert [(v.label, v.ratio, len(v.sublayers)) for v in variants] == [
+        ("Dense", 0.0, 0), ("FinerCut (attention only)", 0.5, 2), ("ShortGPT", 0.25, 2)]
+    assert {unit.kind for unit in variants[1].removed} == {ATTENTION}
+    run = json.loads((tmp_path / "runs" / "finercut_attention" / "run.json").read_text())["config"]
+    assert (run["only"], run["ratio"]) == ("attention", 0.5)
+    assert split_method("finercut", (0.25,)) == ("finercut", (0.25,))
+    with pytest.raises(ConfigError, match="name@r1/r2"):
+        split_method("finercut@x", ())
+    with pytest.raises(ConfigError, match=r"ratios must be in \[0, 1\)"):
+        dataclasses.replace(config, methods=("finercut@1.5",))

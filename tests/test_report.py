@@ -196,10 +196,11 @@ def test_compare_page_has_the_results_table_and_figures(run_dir, tmp_path):
     page = parse(out)
     assert_self_contained(page)
     results = page.tables["results"]
-    assert results[0] == ["method", "target", "reached", "ARC-e", "average", "ppl (a)", "word ppl (b)"]
-    assert results[1] == ["Dense", "0%", "0.0%", "50.0", "50.0", "20.00", "40.00"]
-    assert results[2] == ["FinerCut", "25%", "25.0%", "45.0", "45.0", "31.50", "63.00"]
-    assert results[3][:3] == ["FinerCut", "50%", "50.0%"] and results[3][3:] == ["–"] * 4  # not evaluated yet
+    assert results[0] == ["method", "target", "reached", "sub-layers", "params removed", "ARC-e", "average",
+                          "ppl (a)", "word ppl (b)"]
+    assert results[1] == ["Dense", "0%", "0.0%", "0", "–", "50.0", "50.0", "20.00", "40.00"]
+    assert results[2] == ["FinerCut", "25%", "25.0%", "2", "–", "45.0", "45.0", "31.50", "63.00"]
+    assert results[3][:4] == ["FinerCut", "50%", "50.0%", "4"] and results[3][4:] == ["–"] * 5  # not evaluated yet
     assert "1 of 3 variants have no saved evaluation yet" in out.read_text()
     assert len(page.images) == 2 + 2  # accuracy, perplexity; the FinerCut run's layer map and distances
     assert "FinerCut run: Steps" in page.headings

@@ -485,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", help="hub id, folder or .gguf (default SmolLM2-135M-Instruct)")
     compare.add_argument("--methods", default="finercut,finercut_block,shortgpt,deeper_layers",
                          help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random, shapley, "
-                              "shapley_block, blockpruner")
+                              "shapley_block, blockpruner, finercut_attention, finercut_ffn (these two count their "
+                              "ratio among the L attention or FFN sub-layers); name@r1/r2 evaluates a method at "
+                              "its own ratios instead of --ratios (e.g. finercut_attention@0.33)")
     compare.add_argument("--ratios", default="0,0.1,0.25,0.4", help="comma-separated; 0 is the dense model")
     compare.add_argument("--metric", default="js", help="FinerCut's distance")
     compare.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")

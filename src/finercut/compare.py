@@ -51,7 +51,12 @@ COMPARE_METHODS: dict[str, dict[str, str]] = {
     "shapley": {"method": "shapley", "granularity": "sublayer", "label": "Shapley (sub-layers)"},
     "shapley_block": {"method": "shapley", "granularity": "block", "label": "Shapley (blocks)"},
     "blockpruner": {"method": "blockpruner", "granularity": "sublayer", "label": "BlockPruner"},
+    "finercut_attention": {"method": "finercut", "granularity": "sublayer", "only": "attention",
+                           "label": "FinerCut (attention only)"},
+    "finercut_ffn": {"method": "finercut", "granularity": "sublayer", "only": "ffn", "label": "FinerCut (FFN only)"},
 }
+"""Methods ``compare`` runs. ``only`` methods count their ratio among that kind's L sub-layers (the study removes
+up to a third of the attention sub-layers, which shrinks the KV cache)."""
 SELECTED_PER_RATIO = {"deeper_layers"}
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -104,10 +109,11 @@ class CompareConfig:
     25% of 30 blocks, where FinerCut's own round(2 r L) is 15), so the comparison holds at equal budgets."""
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
+        unknown = [spec for spec in self.methods if split_method(spec, self.ratios)[0] not in COMPARE_METHODS]
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(COMPARE_METHODS)}")
-        bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
+        own = [r for spec in self.methods for r in split_method(spec, ())[1]]
+        bad = [r for r in (*self.ratios, *own) if not 0.0 <= r < 1.0]
         if bad:
             raise ConfigError(f"ratios must be in [0, 1) (0 = the dense model), got {bad}")
         if self.metric not in METRICS:
@@ -115,10 +121,14 @@ class CompareConfig:
                               "BlockPruner's perplexity score add blockpruner to the methods")
         for spec in self.recoveries:
             parse_recovery_spec(spec)
-        if (self.recoveries or self.equal_budget) and "finercut" not in self.methods:
+        if (self.recoveries or self.equal_budget) and "finercut" not in [split_method(m, ())[0] for m in self.methods]:
             raise ConfigError("recoveries and the equal-budget rows apply to FinerCut: add finercut to the methods")
-        if not any(r > 0 for r in self.ratios) or not self.methods:
-            raise ConfigError("compare needs at least one method and one ratio above 0")
+        if not self.methods or not all(any(r > 0 for r in self.method_ratios(spec)) for spec in self.methods):
+            raise ConfigError("compare needs at least one method and one ratio above 0 for each")
+
+    def method_ratios(self, spec: str) -> tuple[float, ...]:
+        """The ratios above 0 a method entry is evaluated at (its own after ``@``, else ``ratios``), sorted."""
+        return tuple(sorted(r for r in split_method(spec, self.ratios)[1] if r > 0))
 
     def evaluation_settings(self) -> dict:
         """The settings an evaluation result depends on (beyond the removed sub-layers)."""
@@ -135,8 +145,8 @@ class CompareConfig:
         settings = COMPARE_METHODS[method]
         return RunConfig(
             model=self.model, dtype=self.dtype, device=self.device, method=settings["method"],
-            granularity=settings["granularity"], metric=self.metric, ratio=ratio, data_dir=self.data_dir,
-            calibration=self.calibration,
+            granularity=settings["granularity"], only=settings.get("only"), metric=self.metric, ratio=ratio,
+            data_dir=self.data_dir, calibration=self.calibration,
             num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed, threads=self.threads,
             save_model=False,
         )
@@ -171,6 +181,20 @@ class Variant:
         return COMPARE_METHODS[self.method]["label"] + (f" + {self.recovery}" if self.recovery else "")
 
 
+def split_method(spec: str, ratios: Sequence[float]) -> tuple[str, tuple[float, ...]]:
+    """A ``--methods`` entry: ``name`` (evaluated at ``ratios``) or ``name@r1/r2`` (at its own ratios).
+
+    >>> split_method("finercut_attention@0.33", (0.0, 0.25))
+    ('finercut_attention', (0.33,))
+    """
+    name, _, own = spec.partition("@")
+    try:
+        return name, tuple(float(r) for r in own.split("/")) if own else tuple(ratios)
+    except ValueError:
+        raise ConfigError(f"method entry {spec!r}: write name@r1/r2 with ratios in (0, 1), e.g. "
+                          "finercut_attention@0.33") from None
+
+
 def result_key(variant: Variant, settings: dict, recovery: dict | None = None) -> str:
     """Cache key of an evaluation: the set of removed sub-layers, the evaluation settings and (for a recovered
     variant) the recovery's settings."""
@@ -182,24 +206,42 @@ def result_key(variant: Variant, settings: dict, recovery: dict | None = None) -
 
 def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, log: Log) -> list[Variant]:
     """Run (or reuse) every method's pruning and list the variants to evaluate, dense first."""
-    ratios = sorted(r for r in config.ratios if r > 0)
-    variants = [Variant("dense", 0.0, ())] if 0.0 in config.ratios else []
-    for method in config.methods:
-        granularity = COMPARE_METHODS[method]["granularity"]
-        runs = ([(ratio, output_dir / "runs" / f"{method}-r{ratio:g}") for ratio in ratios]
-                if method in SELECTED_PER_RATIO else [(max(ratios), output_dir / "runs" / method)])
-        records = {run_ratio: _pruned_record(config, method, run_ratio, folder, progress=progress, log=log)
-                   for run_ratio, folder in runs}
+    records: dict[str, dict[float, dict]] = {}
+    for spec in config.methods:
+        method, ratios = split_method(spec, ())[0], config.method_ratios(spec)
+        runs = run_folders(output_dir, method, ratios)
+        records[spec] = {run_ratio: _pruned_record(config, method, run_ratio, folder, progress=progress, log=log)
+                         for run_ratio, folder in runs}
         if method == "finercut" and config.equal_budget:  # the block methods' count may exceed FinerCut's own
-            num_blocks = records[max(ratios)]["model"]["num_blocks"]
+            num_blocks = records[spec][max(ratios)]["model"]["num_blocks"]
             needed = max(max(target_count(r, 2 * num_blocks), 2 * target_count(r, num_blocks)) for r in ratios)
-            if len(records[max(ratios)]["removed"]) < needed:
-                records[max(ratios)] = _pruned_record(config, method, max(ratios), runs[0][1], count=needed,
-                                                      progress=progress, log=log)
-        for ratio in ratios:
-            record = records.get(ratio, records[max(records)])
+            if len(records[spec][max(ratios)]["removed"]) < needed:
+                records[spec][max(ratios)] = _pruned_record(config, method, max(ratios), runs[0][1], count=needed,
+                                                            progress=progress, log=log)
+    return list_variants(config, records)
+
+
+def run_folders(output_dir: Path, method: str, ratios: Sequence[float]) -> list[tuple[float, Path]]:
+    """Where a method's runs live: one per ratio where each is selected anew, else one at the largest ratio."""
+    if method in SELECTED_PER_RATIO:
+        return [(ratio, output_dir / "runs" / f"{method}-r{ratio:g}") for ratio in ratios]
+    return [(max(ratios), output_dir / "runs" / method)]
+
+
+def list_variants(config: CompareConfig, records: dict[str, dict[float, dict]]) -> list[Variant]:
+    """The variants to evaluate, dense first, from each ``--methods`` entry's records (run ratio -> record; a
+    prefix-consistent method has one, at its largest ratio). Entries without records are left out."""
+    variants = [Variant("dense", 0.0, ())] if 0.0 in config.ratios else []
+    for spec, by_ratio in records.items():
+        if not by_ratio:
+            continue
+        method = split_method(spec, ())[0]
+        settings = COMPARE_METHODS[method]
+        granularity, only = settings["granularity"], settings.get("only")
+        for ratio in config.method_ratios(spec):
+            record = by_ratio.get(ratio, by_ratio[max(by_ratio)])
             num_blocks = record["model"]["num_blocks"]
-            counts = [(target_count(ratio, count_units(num_blocks, granularity)), False)]
+            counts = [(target_count(ratio, count_units(num_blocks, granularity, only)), False)]
             if method == "finercut" and config.equal_budget and 2 * target_count(ratio, num_blocks) != counts[0][0]:
                 counts.append((2 * target_count(ratio, num_blocks), True))
             for count, equal_budget in counts:
@@ -207,7 +249,8 @@ def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, l
                 summary = removal_summary(kept, num_blocks=num_blocks, granularity=granularity)
                 variants.append(Variant(method, ratio, kept, summary, equal_budget=equal_budget))
                 if method == "finercut" and not equal_budget:
-                    variants += [Variant(method, ratio, kept, summary, recovery=spec) for spec in config.recoveries]
+                    variants += [Variant(method, ratio, kept, summary, recovery=recovery)
+                                 for recovery in config.recoveries]
     return variants
 
 
@@ -222,7 +265,8 @@ def _pruned_record(config: CompareConfig, method: str, ratio: float, folder: Pat
     if (folder / "record.json").is_file() and method not in SELECTED_PER_RATIO:
         saved = RunConfig.from_dict(read_json(folder / "run.json")["config"])
         record = read_json(folder / "record.json")
-        needed = count or target_count(ratio, count_units(record["model"]["num_blocks"], saved.granularity))
+        needed = count or target_count(ratio, count_units(record["model"]["num_blocks"], saved.granularity,
+                                                          saved.only))
         if not config_differences(saved, resolve_run_config(run_config, saved)) and len(record["removed"]) >= needed:
             log(f"compare: reusing {method} run in {folder} ({len(record['removed'])} units removed)")
             return record
@@ -381,21 +425,9 @@ def _stats_and_samples(model, tokenizer, variants: Sequence[Variant], config: Co
 
 
 def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str, Path]:
-    accuracy: dict[str, list] = {}
-    perplexity: dict[str, list] = {}
-    dense = next((r for v, r in zip(variants, results) if v.method == "dense"), None)
-    for variant, result in zip(variants, results):
-        if variant.method == "dense":
-            continue
-        label = variant.label
-        stages = result["stages"]
-        accuracy.setdefault(label, []).append((variant.summary["sublayer_ratio"], 100 * stages["tasks"]["average"]))
-        perplexity.setdefault(label, []).append((variant.summary["sublayer_ratio"],
-                                                 stages["windowed_perplexity"]["ppl"]))
-    if dense:
-        for label in accuracy:
-            accuracy[label].append((0.0, 100 * dense["stages"]["tasks"]["average"]))
-            perplexity[label].append((0.0, dense["stages"]["windowed_perplexity"]["ppl"]))
+    from finercut.report import compare_series
+
+    accuracy, perplexity = compare_series(variants, results)
     figures = {
         "accuracy": plot_metric_vs_ratio(accuracy, figures_dir / "compare_accuracy.png",
                                          ylabel="average accuracy (%)", title="Average zero/few-shot accuracy"),
@@ -422,10 +454,13 @@ def _variant_label(variant: Variant) -> str:
     return variant.label if variant.method == "dense" else f"{variant.label} {variant.ratio:.0%}"
 
 
-def _net_removed_parameters(result: dict) -> float:
-    """Fraction of the dense model's parameters a variant removes, net of its replacements' parameters."""
-    parameters = result["parameters"]
-    return (parameters["removed"] - result.get("fit", {}).get("extra_parameters", 0)) / parameters["dense"]
+def net_removed_parameters(result: dict) -> str:
+    """Share of the dense model's parameters a variant removes, net of its replacements' parameters ('–' for a
+    result saved without the counts)."""
+    parameters = result.get("parameters")
+    if parameters is None:
+        return "–"
+    return f"{(parameters['removed'] - result.get('fit', {}).get('extra_parameters', 0)) / parameters['dense']:.1%}"
 
 
 def _results_table(variants, results, tasks: list[str], *, headline: bool) -> list[str]:
@@ -448,7 +483,7 @@ def _results_table(variants, results, tasks: list[str], *, headline: bool) -> li
         reached = variant.summary.get("sublayer_ratio", 0.0)
         lines.append(
             f"| {variant.label} | {variant.ratio:.0%} | {reached:.1%} | {len(variant.sublayers)} "
-            f"| {_net_removed_parameters(result):.1%} | " + " | ".join(cells)
+            f"| {net_removed_parameters(result)} | " + " | ".join(cells)
             + f" | {_pct(average)} | {stages['windowed_perplexity']['ppl']:.2f} "
             f"| {stages['lm_eval_wikitext']['word_perplexity']:.2f} |"
         )

@@ -266,37 +266,29 @@ def run_page(folder_or_record: Path) -> str:
 def compare_variants(folder: Path) -> tuple[Any, list[Any], list[dict[str, Any] | None]]:
     """The compare folder's config, its variants (as ``finercut compare`` forms them, read only) and each one's
     saved evaluation (None where it was not run yet)."""
-    from finercut.candidates import count_units, target_count
-    from finercut.compare import COMPARE_METHODS, SELECTED_PER_RATIO, CompareConfig, Variant, result_key
-    from finercut.record import removal_summary
+    from finercut.compare import CompareConfig, list_variants, result_key, run_folders, split_method
 
     saved = read_json(folder / "compare.json")
     known = {f for f in CompareConfig.__dataclass_fields__}
     config = CompareConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
-    ratios = sorted(r for r in config.ratios if r > 0)
-    variants = [Variant("dense", 0.0, ())] if 0.0 in config.ratios else []
-    for method in config.methods:
-        granularity = COMPARE_METHODS[method]["granularity"]
-        for ratio in ratios:
-            run = folder / "runs" / (f"{method}-r{ratio:g}" if method in SELECTED_PER_RATIO else method)
-            if not (run / "record.json").is_file():
-                continue
-            record = read_json(run / "record.json")
-            num_blocks = record["model"]["num_blocks"]
-            kept = tuple(removed_units(record)[: target_count(ratio, count_units(num_blocks, granularity))])
-            variants.append(Variant(method, ratio, kept, removal_summary(kept, num_blocks=num_blocks,
-                                                                         granularity=granularity)))
+    records: dict[str, dict[float, dict]] = {}
+    for spec in config.methods:
+        runs = run_folders(folder, split_method(spec, ())[0], config.method_ratios(spec))
+        records[spec] = {r: read_json(run / "record.json") for r, run in runs if (run / "record.json").is_file()}
+    variants = list_variants(config, records)
     settings = config.evaluation_settings()
     results = []
     for variant in variants:
-        path = folder / "results" / f"{result_key(variant, settings)}.json"
+        recovery = config.recovery_settings(variant.recovery) if variant.recovery else None
+        path = folder / "results" / f"{result_key(variant, settings, recovery)}.json"
         results.append(read_json(path) if path.is_file() else None)
     return config, variants, results
 
 
 def results_rows(config: Any, variants: Sequence[Any], results: Sequence[dict | None]) -> list[list[str]]:
-    """Per variant: method, target, reached, each task's accuracy (%), average, perplexities; '–' where missing."""
-    from finercut.compare import COMPARE_METHODS
+    """Per variant: method, target, reached, sub-layers removed, each task's accuracy (%), average, perplexities;
+    '–' where missing."""
+    from finercut.compare import net_removed_parameters
 
     rows = []
     for variant, result in zip(variants, results):
@@ -310,8 +302,8 @@ def results_rows(config: Any, variants: Sequence[Any], results: Sequence[dict | 
         average = stages.get("tasks", {}).get("average")
         ppl = stages.get("windowed_perplexity", {}).get("ppl")
         word = stages.get("lm_eval_wikitext", {}).get("word_perplexity")
-        label = "Dense" if variant.method == "dense" else COMPARE_METHODS[variant.method]["label"]
-        rows.append([label, f"{variant.ratio:.0%}", f"{variant.summary.get('sublayer_ratio', 0.0):.1%}", *cells,
+        rows.append([variant.label, f"{variant.ratio:.0%}", f"{variant.summary.get('sublayer_ratio', 0.0):.1%}",
+                     str(len(variant.sublayers)), net_removed_parameters(result or {}), *cells,
                      "–" if average is None else f"{100 * average:.1f}", "–" if ppl is None else f"{ppl:.2f}",
                      "–" if word is None else f"{word:.2f}"])
     return rows
@@ -319,15 +311,13 @@ def results_rows(config: Any, variants: Sequence[Any], results: Sequence[dict | 
 
 def compare_series(variants, results) -> tuple[dict, dict]:
     """Accuracy and perplexity against the ratio reached, per method (dense as every method's ratio 0)."""
-    from finercut.compare import COMPARE_METHODS
-
     accuracy: dict[str, list] = {}
     perplexity: dict[str, list] = {}
     dense = next((r for v, r in zip(variants, results) if v.method == "dense" and r), None)
     for variant, result in zip(variants, results):
         if variant.method == "dense" or not result:
             continue
-        label, stages = COMPARE_METHODS[variant.method]["label"], result["stages"]
+        label, stages = variant.label, result["stages"]
         ratio = variant.summary["sublayer_ratio"]
         if "tasks" in stages:
             accuracy.setdefault(label, []).append((ratio, 100 * stages["tasks"]["average"]))
@@ -345,7 +335,8 @@ def compare_page(folder: Path) -> str:
     from finercut.compare import TASK_LABELS
 
     config, variants, results = compare_variants(folder)
-    header = ["method", "target", "reached", *(TASK_LABELS.get(t, t) for t in config.tasks), "average",
+    header = ["method", "target", "reached", "sub-layers", "params removed",
+              *(TASK_LABELS.get(t, t) for t in config.tasks), "average",
               "ppl (a)", "word ppl (b)"]
     missing = sum(r is None for r in results)
     sections = [
