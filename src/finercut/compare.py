@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 
 from finercut.adapters import adapter_for
-from finercut.distances import METRICS
 from finercut.candidates import Unit, count_units, removed_sublayers, target_count
+from finercut.distances import METRICS
 from finercut.errors import ConfigError
 from finercut.recovery import DEFAULT_NUM_SAMPLES as DEFAULT_RECOVERY_SAMPLES
 from finercut.recovery import DEFAULT_SEQ_LEN as DEFAULT_RECOVERY_SEQ_LEN
@@ -214,7 +214,7 @@ def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, l
                          for run_ratio, folder in runs}
         if method == "finercut" and config.equal_budget:  # the block methods' count may exceed FinerCut's own
             num_blocks = records[spec][max(ratios)]["model"]["num_blocks"]
-            needed = max(max(target_count(r, 2 * num_blocks), 2 * target_count(r, num_blocks)) for r in ratios)
+            needed = max(2 * target_count(r, num_blocks) for r in ratios)
             if len(records[spec][max(ratios)]["removed"]) < needed:
                 records[spec][max(ratios)] = _pruned_record(config, method, max(ratios), runs[0][1], count=needed,
                                                             progress=progress, log=log)
