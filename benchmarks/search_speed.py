@@ -10,6 +10,10 @@ full-forward equivalents (FLOPs spent scoring divided by the FLOPs of one full f
 output head included). It checks that both removed the same units and gave the same distances to every
 candidate the fast path scored completely.
 
+With ``--metric ppl`` (BlockPruner: the calibration perplexity over every block, no window) part 1 adds a
+third scorer, ``replay``: replay from each candidate's own block with neither replay states nor early abort,
+what BlockPruner's scorer did before it shared the fast path.
+
 Part 2: whole runs of the fast search to ``--full-ratio`` for each of ``--full-metrics``, timed from the
 original-model pass (included) to the last removal.
 
@@ -28,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from finercut.adapters import adapter_for
+from finercut.baselines.blockpruner import perplexity_scorer
 from finercut.calibration import calibration_samples, resolve_source
 from finercut.candidates import count_units, first_window_block, target_count
 from finercut.distances import metric_named
@@ -90,18 +95,30 @@ def split(work: dict) -> str:
             f"{work['ffe_head']:.2f} head)")
 
 
+def part1_scorers(contexts: dict, metric: str) -> dict:
+    if metric == "ppl":
+        return {"fast": perplexity_scorer(contexts["fast"]),
+                "replay": perplexity_scorer(contexts["replay"], exhaustive=True, replay_state_bytes=0),
+                "naive": perplexity_scorer(contexts["naive"], scorer="naive")}
+    return {"fast": FastScorer(contexts["fast"]), "naive": NaiveScorer(contexts["naive"])}
+
+
 def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, window: dict) -> None:
     num_blocks = adapter.num_blocks(model)
-    contexts = {name: ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=BATCH["size"])
-                for name in ("fast", "naive")}
+    names = ("fast", "replay", "naive") if metric == "ppl" else ("fast", "naive")
+    distance = metric_named("js" if metric == "ppl" else metric)  # BlockPruner never reads the reference
+    contexts = {name: ScoringContext.build(model, adapter, distance, input_ids, batch_size=BATCH["size"])
+                for name in names}
     flops = flop_costs(model, adapter, contexts["fast"])
-    scorers = {"fast": FastScorer(contexts["fast"]), "naive": NaiveScorer(contexts["naive"])}
+    scorers = part1_scorers(contexts, metric)
+    if metric == "ppl":
+        window = dict(window_until_ratio=0.0, window_first_block=0)
     print(f"part 1: {steps} steps, metric {metric}, fast distance path: {scorers['fast'].distance_path}; "
           f"head = {flops['head_per_row'] * input_ids.shape[1] / (sum(flops['block_per_sample']) / num_blocks):.1f}"
           " blocks of FLOPs per sample", flush=True)
-    done = {"fast": [], "naive": []}
-    works = {"fast": [], "naive": []}
-    cpu = {"fast": 0.0, "naive": 0.0}
+    done = {name: [] for name in names}
+    works = {name: [] for name in names}
+    cpu = {name: 0.0 for name in names}
     for k in range(steps):
         for name, scorer in scorers.items():
             before, cpu_before = snapshot(contexts[name]), time.process_time()
@@ -113,9 +130,15 @@ def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, wi
         aborted = sum(c.aborted for c in fast.candidates)
         print(f"step {k + 1}: {len(fast.candidates)} candidates, removed fast {fast.unit} / naive {naive.unit}\n"
               f"  fast  {fast.seconds:7.1f} s, {fast.samples_evaluated:4d} samples evaluated, {aborted} aborted; "
-              f"{split(works['fast'][k])}\n"
-              f"  naive {naive.seconds:7.1f} s, {naive.samples_evaluated:4d} samples; {split(works['naive'][k])}\n"
-              f"  wall-time ratio naive/fast {naive.seconds / fast.seconds:.1f}", flush=True)
+              f"{split(works['fast'][k])}", flush=True)
+        for name in names[1:]:
+            step = done[name][k]
+            print(f"  {name:6s}{step.seconds:7.1f} s, {step.samples_evaluated:4d} samples; {split(works[name][k])}\n"
+                  f"  wall-time ratio {name}/fast {step.seconds / fast.seconds:.2f}", flush=True)
+    if "replay" in done:
+        replay_seconds = sum(s.seconds for s in done["replay"])
+        print(f"replay/fast wall-time ratio {replay_seconds / sum(s.seconds for s in done['fast']):.2f}, same order: "
+              f"{[s.unit for s in done['replay']] == [s.unit for s in done['fast']]}")
     fast_seconds = sum(s.seconds for s in done["fast"])
     naive_seconds = sum(s.seconds for s in done["naive"])
     same_order = [s.unit for s in done["fast"]] == [s.unit for s in done["naive"]]
@@ -224,7 +247,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="steps of part 1 (0 skips it)")
-    parser.add_argument("--metric", default="js", help="metric of part 1")
+    parser.add_argument("--metric", default="js", help="metric of part 1 (ppl: BlockPruner's perplexity)")
     parser.add_argument("--naive-candidates", type=int,
                         help="time the naive scorer on this many candidates per step only, extrapolated (part 1)")
     parser.add_argument("--full-ratio", type=float, default=0.25, help="ratio of part 2 (0 skips it)")

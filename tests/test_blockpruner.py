@@ -1,4 +1,5 @@
-"""BlockPruner baseline: the greedy search scored by calibration perplexity (its fast replay == plain forward)."""
+"""BlockPruner baseline: the greedy search scored by calibration perplexity; its fast path (replay, replay states,
+exact early abort on the NLL bound) selects what the plain forward per candidate selects."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import torch
 
 from finercut import prune
 from finercut.adapters import adapter_for
-from finercut.baselines.blockpruner import PerplexityScorer, mean_next_token_nll
+from finercut.baselines.blockpruner import NaivePerplexityScorer, mean_next_token_nll, perplexity_scorer
 from finercut.candidates import BLOCK, Unit, all_units
 from finercut.distances import metric_named
 from finercut.pruned_modeling import ATTENTION, FFN
 from finercut.scoring import ScoringContext
+from finercut.search import greedy_search
 from tiny_models import tiny_input_ids, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,20 +30,47 @@ def test_next_token_nll_by_hand():
     assert count == 1 and total == pytest.approx(-math.log(math.e / (1 + math.e)))
 
 
-@pytest.fixture(scope="module")
-def scorer():
-    model = tiny_model("llama", dtype=torch.float64)
-    context = ScoringContext.build(model, adapter_for(model), metric_named("js"), tiny_input_ids(), batch_size=2)
-    return PerplexityScorer(context)
+def context_of(model, samples: int = 3, batch_size: int = 1) -> ScoringContext:
+    return ScoringContext.build(model, adapter_for(model), metric_named("js"), tiny_input_ids(samples=samples),
+                                batch_size=batch_size)
 
 
-def test_replayed_candidates_equal_the_plain_forward(scorer):
+def test_replayed_candidates_equal_the_plain_forward():
+    context = context_of(tiny_model("llama", dtype=torch.float64), batch_size=2)
     removed = [Unit(1, FFN)]
     candidates = [Unit(0, ATTENTION), Unit(2, FFN), Unit(3, ATTENTION)]
-    scored = scorer.score(removed, candidates)
-    for (unit, value), candidate in zip(scored, candidates):
-        assert unit == candidate
-        assert value == pytest.approx(scorer.plain_perplexity([*removed, candidate]), rel=1e-10)
+    scored = perplexity_scorer(context, exhaustive=True).score(removed, candidates)
+    plain = NaivePerplexityScorer(context)
+    for score, candidate in zip(scored, candidates):
+        assert score.unit == candidate and score.samples == 3
+        assert score.distance == pytest.approx(plain.plain_perplexity([*removed, candidate]), rel=1e-10)
+
+
+def blockpruner_search(model, *, scorer: str, exhaustive: bool = False, target: int = 4, samples: int = 5):
+    context = context_of(model, samples=samples)
+    try:
+        return greedy_search(perplexity_scorer(context, scorer=scorer, exhaustive=exhaustive), num_blocks=4,
+                             granularity="sublayer", target=target, window_until_ratio=0.0, window_first_block=0)
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
+def test_early_abort_selects_what_the_plain_forward_selects(name):
+    model = tiny_model(name, dtype=torch.float64, seed=3)
+    fast = blockpruner_search(model, scorer="fast")
+    full = blockpruner_search(model, scorer="fast", exhaustive=True)
+    naive = blockpruner_search(model, scorer="naive")
+    assert [s.unit for s in fast] == [s.unit for s in full] == [s.unit for s in naive]
+    assert [s.distance for s in fast] == [s.distance for s in full]  # the same sums, fsum-ed, exp-ed
+    assert [s.distance for s in fast] == pytest.approx([s.distance for s in naive], rel=1e-10)
+    for fast_step, full_step in zip(fast, full):
+        for a, b in zip(fast_step.candidates, full_step.candidates):
+            if a.aborted:  # a bound of the perplexity, above the step's winner
+                assert fast_step.distance < a.lower_bound <= b.distance
+            else:
+                assert a.distance == b.distance
+    assert sum(s.samples_evaluated for s in fast) <= sum(s.samples_evaluated for s in full)
 
 
 def test_prune_with_blockpruner_removes_the_lowest_perplexity_candidate_first():

@@ -13,7 +13,7 @@ from finercut.search import greedy_search
 A, B, C = Unit(2, "attention"), Unit(2, "ffn"), Unit(3, "attention")
 
 
-def run_best_first(table, *, num_positions, exhaustive=False, savings=None):
+def run_best_first(table, *, num_positions, exhaustive=False, savings=None, score_of=None):
     """best_first over units whose per-batch sums are given by ``table`` (unit -> list), recording the calls;
     ``savings`` (unit -> cost saved) ranks them by distance per cost."""
     calls = []
@@ -24,7 +24,7 @@ def run_best_first(table, *, num_positions, exhaustive=False, savings=None):
 
     units = list(table)
     result = best_first(units, batch_sum, num_batches=len(table[units[0]]), num_positions=num_positions,
-                        exhaustive=exhaustive, savings=savings.get if savings else None)
+                        exhaustive=exhaustive, savings=savings.get if savings else None, score_of=score_of)
     return result, calls
 
 
@@ -54,6 +54,23 @@ def test_an_exact_tie_goes_to_the_earlier_unit_even_when_the_later_one_completes
     assert calls.index((B, 1)) < calls.index((A, 1))
     assert selected(result, 2) == (A, 1.0)
     assert result[A].complete and result[B].complete
+
+
+def test_a_mapped_score_keeps_the_unit_the_mapped_selection_picks_ties_of_the_map_included():
+    # BlockPruner compares perplexities exp(mean NLL). Means 2e-20 (A) and 1e-20 (B) differ, but both map to
+    # exactly 1.0: by perplexity A and B tie and the earlier A wins, although B's mean is smaller.
+    import math
+
+    table = {A: [2e-20, 2e-20], B: [1e-20, 1e-20], C: [3.0, 3.0]}
+    assert math.exp(2e-20) == math.exp(1e-20) == 1.0
+    for exhaustive in (False, True):
+        result, _ = run_best_first(table, num_positions=2, exhaustive=exhaustive, score_of=math.exp)
+        scores = [(u, math.exp(r.value(2))) for u, r in result.items() if r.complete]
+        assert select_least(scores) == (A, 1.0)
+    result, _ = run_best_first(table, num_positions=2, score_of=math.exp)
+    assert result[C].sums == {0: 3.0}  # exp(1.5) > 1: left behind after one sample
+    plain, _ = run_best_first(table, num_positions=2)
+    assert selected(plain, 2) == (B, 1e-20)  # on the means themselves, B is smaller
 
 
 def test_a_tied_later_unit_is_left_with_a_bound_equal_to_the_winners_distance():

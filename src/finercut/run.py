@@ -38,6 +38,7 @@ from finercut.evaluation.stats import kv_cache_summary
 from finercut.placement import resolve_device_map
 from finercut.plots import plot_layer_map, plot_step_scores
 from finercut.record import (
+    PERPLEXITY_METRIC,
     PROGRESS_FORMAT,
     RUN_FORMAT,
     ConfigError,
@@ -125,17 +126,19 @@ def find_steps(
     if config.method == "random":
         return baselines.random_steps(num_blocks, granularity=config.granularity, count=target, seed=config.seed,
                                       only=config.only)
+    options = {"replay_state_bytes": int(config.replay_memory_gb * 2**30)} if config.scorer == "fast" else {}
     if config.method == "blockpruner":  # perplexity as the score, over every block (no window)
-        from finercut.baselines.blockpruner import PerplexityScorer
+        from finercut.baselines.blockpruner import perplexity_scorer
 
-        scorer, window_first_block = PerplexityScorer(context), 0
+        scorer = perplexity_scorer(context, scorer=config.scorer, exhaustive=config.exhaustive, **options)
+        window_first_block = 0
     else:
-        options = {"replay_state_bytes": int(config.replay_memory_gb * 2**30)} if config.scorer == "fast" else {}
         scorer = SCORERS[config.scorer](context, exhaustive=config.exhaustive, **options)
         window_first_block = config.first_candidate_block(num_blocks)
-        if extras is not None:
-            extras["scoring"] = describe_scoring(context, scorer=config.scorer, exhaustive=config.exhaustive,
-                                                 **options)
+    if extras is not None:
+        extras["scoring"] = describe_scoring(context, scorer=config.scorer, exhaustive=config.exhaustive,
+                                             objective=PERPLEXITY_METRIC if config.method == "blockpruner" else None,
+                                             **options)
     search_target = target
     if budget is not None:
         from finercut.budgets import minimal_steps

@@ -2,10 +2,12 @@
 FFN candidates, but each candidate scored by the calibration perplexity of the pruned model instead of an output
 distance to the original model, and without FinerCut's candidate window.
 
-:class:`PerplexityScorer` is a scorer for :func:`finercut.search.greedy_search` of its own (no early abort): the
-blocks before a candidate are unchanged by removing it, so each step runs the current model once, keeps every
-block's input, and replays a candidate from its block on (:meth:`PerplexityScorer.plain_perplexity` is the plain
-full forward it must equal).
+The fast path is FinerCut's own scorer (:class:`finercut.scoring.FastScorer`: prefix-cached replay, replay
+states kept across steps, exact early abort) with :class:`PerplexityObjective` in place of the distance: the
+negative log-likelihood of a next token is >= 0, so the summed NLL of the batches scored so far, over all
+predictions, bounds the mean NLL from below, and ``exp`` is non-decreasing, so a candidate whose bound's
+perplexity exceeds a complete candidate's can be left behind. The plain path, :class:`NaivePerplexityScorer`,
+runs the masked model's own forward per candidate; the tests prove both select the same.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 
 from finercut.candidates import Unit
 from finercut.masking import masked
+from finercut.placement import input_device
+from finercut.scoring.context import ScoringContext, check_finite
 
 
 def mean_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
@@ -25,88 +29,105 @@ def mean_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[
     Args:
         logits: ``[batch, seq, vocab]``; input_ids: ``[batch, seq]`` (position ``t`` predicts token ``t + 1``).
     """
-    predicted = logits[:, :-1].reshape(-1, logits.shape[-1])
-    predicted = predicted if predicted.dtype == torch.float64 else predicted.float()
-    targets = input_ids[:, 1:].reshape(-1).to(predicted.device)
-    return float(torch.nn.functional.cross_entropy(predicted, targets, reduction="sum").double()), targets.numel()
+    targets = input_ids[:, 1:].reshape(-1)
+    return nll_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), targets), targets.numel()
 
 
-class PerplexityScorer:
-    """Scores candidates by the perplexity of the model without ``removed`` and the candidate, on the calibration
-    batches of a :class:`finercut.scoring.ScoringContext` (lower is better, as for a distance).
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``targets`` (``[n]``) under ``logits`` (``[n, vocab]``), in float32 at
+    least."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return float(torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum").double())
+
+
+def num_predictions(context: ScoringContext) -> int:
+    """Next-token predictions over the calibration set: ``seq - 1`` per sample."""
+    return sum(batch.input_ids.shape[0] * (batch.input_ids.shape[1] - 1) for batch in context.batches)
+
+
+class PerplexityObjective:
+    """BlockPruner's score as a :class:`finercut.scoring.replay.Objective`: the summed next-token NLL per batch,
+    its mean over all predictions mapped to the perplexity by ``exp``."""
+
+    score_of = staticmethod(math.exp)
+
+    def __init__(self, context: ScoringContext) -> None:
+        self.context = context
+        self.num_positions = num_predictions(context)
+
+    def batch_sum(self, batch_index: int, hidden: torch.Tensor) -> float:
+        """Summed NLL of one batch from the last block's output ``hidden`` (``[batch, seq, hidden]``), through
+        the full head ``chunk_rows`` positions at a time (the last position predicts nothing)."""
+        context, work = self.context, self.context.work
+        input_ids = context.batches[batch_index].input_ids
+        predicting = hidden.shape[1] - 1
+        total = 0.0
+        for row in range(hidden.shape[0]):
+            for start in range(0, predicting, context.chunk_rows):
+                end = min(start + context.chunk_rows, predicting)
+                with work.timed("head"):
+                    logits = context.adapter.logits(context.model, hidden[row, start:end])
+                with work.timed("distance"):
+                    total += nll_sum(logits, input_ids[row, start + 1 : end + 1])
+                work.head_rows += end - start
+        return total
+
+
+class NaivePerplexityScorer:
+    """The plain path: every candidate scored completely by the masked model's own forward.
 
     Args:
-        context: the model, adapter and calibration batches (``first_block_input``, ``block_calls``,
-            ``input_ids``).
-        chunk_rows: batch rows per full-vocabulary logits chunk.
+        context: the model, adapter and calibration batches.
     """
 
-    def __init__(self, context: Any, *, chunk_rows: int = 1) -> None:
-        self.model, self.adapter, self.batches = context.model, context.adapter, list(context.batches)
-        self.chunk_rows = chunk_rows
-        self.block_executions = 0
+    distance_path = "full_head"
+    exhaustive = True
+
+    def __init__(self, context: ScoringContext, *, exhaustive: bool = True) -> None:
+        self.context = context
+        self.model, self.adapter = context.model, context.adapter
+
+    @property
+    def block_executions(self) -> int:
+        return self.context.block_executions
 
     def restore(self, removed: Sequence[Unit]) -> None:
-        """Nothing is carried between steps: each step starts from the model without ``removed``."""
-
-    def _run_blocks(self, states: list[torch.Tensor], batch: Any, start: int) -> None:
-        from finercut.scoring import run_block
-
-        blocks = self.adapter.blocks_of(self.model)
-        for index in range(start, len(blocks)):
-            states[index + 1] = run_block(blocks[index], states[index], batch.block_calls[index])
-            self.block_executions += 1
-
-    def _perplexity(self, outputs: Sequence[torch.Tensor]) -> float:
-        total, count = 0.0, 0
-        for batch, output in zip(self.batches, outputs):
-            for start in range(0, output.shape[0], self.chunk_rows):
-                logits = self.adapter.logits(self.model, output[start:start + self.chunk_rows])
-                nll, n = mean_next_token_nll(logits, batch.input_ids[start:start + self.chunk_rows])
-                total, count = total + nll, count + n
-        return math.exp(total / count)
+        """Nothing is carried between steps: each candidate runs the whole model."""
 
     @torch.inference_mode()
-    def score(self, removed: Sequence[Unit], candidates: Sequence[Unit], *,
+    def score(self, removed: Sequence[Unit], candidates: Sequence[Unit], *, previous: Sequence = (),
               on_candidate: Callable[[Unit, float], None] | None = None, **_: Any) -> list:
         """Every candidate's perplexity, in the order of ``candidates`` (all scored completely)."""
-        num_blocks = self.adapter.num_blocks(self.model)
-        with masked(self.model, self.adapter, list(removed)):
-            current = []
-            for batch in self.batches:
-                states: list[torch.Tensor] = [batch.first_block_input] + [None] * num_blocks
-                self._run_blocks(states, batch, 0)
-                current.append(states)
+        from finercut.search import CandidateScore
+
         scores = []
         for unit in candidates:
-            outputs = []
-            with masked(self.model, self.adapter, [*removed, unit]):
-                for batch, states in zip(self.batches, current):
-                    replay = list(states)
-                    self._run_blocks(replay, batch, unit.block)
-                    outputs.append(replay[-1])
-            perplexity = self._perplexity(outputs)
-            scores.append(_candidate_score(unit, perplexity, sum(b.input_ids.shape[0] for b in self.batches)))
+            perplexity = check_finite(self.plain_perplexity([*removed, unit]), unit, self.model.dtype)
+            scores.append(CandidateScore(unit, perplexity, samples=self.context.num_samples))
             if on_candidate:
                 on_candidate(unit, perplexity)
         return scores
 
     @torch.inference_mode()
     def plain_perplexity(self, removed: Sequence[Unit]) -> float:
-        """The plain form: the model's own forward without ``removed``, over every calibration batch."""
-        total, count = 0.0, 0
+        """The model's own forward without ``removed`` over every calibration batch: exp of the mean NLL."""
+        sums, count = [], 0
         with masked(self.model, self.adapter, list(removed)):
-            for batch in self.batches:
-                logits = self.model(input_ids=batch.input_ids.to(self.model.device), use_cache=False).logits
+            for batch in self.context.batches:
+                input_ids = batch.input_ids.to(input_device(self.model))
+                with self.context.work.timed("blocks"):
+                    logits = self.model(input_ids=input_ids, use_cache=False).logits
                 nll, n = mean_next_token_nll(logits, batch.input_ids)
-                total, count = total + nll, count + n
-        return math.exp(total / count)
+                sums.append(nll)
+                count += n
+        return math.exp(math.fsum(sums) / count)
 
 
-def _candidate_score(unit: Unit, value: float, samples: int):
-    """The search's score record (``CandidateScore`` where the search has it, else ``(unit, value)``)."""
-    try:
-        from finercut.search import CandidateScore
-    except ImportError:
-        return unit, value
-    return CandidateScore(unit, value, samples=samples)
+def perplexity_scorer(context: ScoringContext, *, scorer: str = "fast", exhaustive: bool = False,
+                      **options: Any) -> Any:
+    """BlockPruner's scorer: ``fast`` (FinerCut's replay and early abort on the perplexity) or ``naive``."""
+    if scorer == "naive":
+        return NaivePerplexityScorer(context)
+    from finercut.scoring.replay import FastScorer
+
+    return FastScorer(context, exhaustive=exhaustive, objective=PerplexityObjective(context), **options)

@@ -38,11 +38,13 @@ SCORERS: dict[str, Callable[..., Any]] = {"fast": FastScorer, "naive": NaiveScor
 
 
 def describe_scoring(
-    context: ScoringContext, *, scorer: str, exhaustive: bool, replay_state_bytes: int | None = None
+    context: ScoringContext, *, scorer: str, exhaustive: bool, replay_state_bytes: int | None = None,
+    objective: str | None = None,
 ) -> dict:
-    """What the record says about how candidates were scored."""
+    """What the record says about how candidates were scored (``objective``: what replaced the output
+    distance, e.g. ``ppl`` for BlockPruner)."""
     fast = scorer == "fast"
-    path = GRAM if fast and gram_applies(context) else FULL_HEAD
+    path = GRAM if fast and objective is None and gram_applies(context) else FULL_HEAD
     if fast and replay_state_bytes is None:
         replay_state_bytes = DEFAULT_REPLAY_STATE_BYTES
     return {
@@ -53,6 +55,7 @@ def describe_scoring(
         "early_abort": fast and not exhaustive,
         "samples_per_batch": context.batches[0].num_samples,
         "num_samples": context.num_samples,
+        **({"objective": objective} if objective else {}),
     }
 
 

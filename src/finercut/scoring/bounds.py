@@ -68,6 +68,7 @@ class BoundedSum:
 def best_first(
     units: Sequence[Unit], batch_sum: Callable[[Unit, int], float], *, num_batches: int, num_positions: int,
     exhaustive: bool = False, hint: Sequence[Sequence[float]] = (), savings: Callable[[Unit], float] | None = None,
+    score_of: Callable[[float], float] | None = None,
 ) -> dict[Unit, BoundedSum]:
     """Score ``units`` batch by batch, always advancing the one with the smallest lower bound, until a complete
     one is smallest: the unit :func:`finercut.candidates.select_least` would pick from the complete scores.
@@ -85,10 +86,16 @@ def best_first(
     distance per cost above the winner's, or equal with a later sort key. The threshold is thus scaled per
     candidate; the abort stays exact.
 
+    With ``score_of`` (a non-decreasing map of the mean: BlockPruner's ``exp``, perplexity from the mean
+    negative log-likelihood), units are ordered by ``score_of(bound)``: the score is at least ``score_of`` of
+    its bound, so the unit on top when complete is the one the selection picks from the mapped scores, ties
+    in the mapped values included (two means one ulp apart may map to the same perplexity).
+
     Args:
         batch_sum: ``(unit, batch index) -> sum over the batch's positions`` (must be >= 0).
         exhaustive: score every unit on every batch (the plain path).
         savings: ``unit -> cost its removal saves`` (> 0 for every unit): order by distance per cost saved.
+        score_of: the non-decreasing map from a mean to the score the selection compares (default: none).
 
     Returns:
         Per unit, the sums it was scored on.
@@ -118,6 +125,8 @@ def best_first(
 
         def rank(unit: Unit) -> float:
             bound = lower_bound(list(sums[unit].values()), num_positions)
+            if score_of is not None:
+                bound = score_of(bound)
             # The same division select_least_per_cost makes (distance_per_cost), so a complete unit's key
             # equals its selection score bit for bit.
             return bound if savings is None else bound / savings(unit)

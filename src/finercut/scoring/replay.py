@@ -12,7 +12,8 @@
   the smallest lower bound next, so a candidate stops as soon as its bound exceeds the winner's distance.
   ``exhaustive=True`` scores every candidate on every batch.
 * **Distance.** Angular and Euclidean go through ``G = W^T W`` when the head allows it
-  (:mod:`finercut.scoring.gram`); otherwise the full head, chunked, against the prepared reference.
+  (:mod:`finercut.scoring.gram`); otherwise the full head, chunked, against the prepared reference. Another
+  :class:`Objective` (BlockPruner's calibration perplexity) takes the distance's place.
 
 Plain path: :class:`finercut.scoring.naive.NaiveScorer`; the tests prove both select the same units with the
 same distances.
@@ -21,7 +22,7 @@ same distances.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -37,6 +38,20 @@ DEFAULT_REPLAY_STATE_BYTES = 2 * 2**30
 """Memory for the replay states kept across steps (the hidden states of candidates' replays)."""
 
 
+class Objective(Protocol):
+    """What candidates are scored by in place of the output distance: a sum over positions of terms >= 0 (so
+    the early abort's bound holds), averaged over ``num_positions`` and mapped by a non-decreasing
+    ``score_of`` to the score the search compares."""
+
+    num_positions: int
+
+    def batch_sum(self, batch_index: int, hidden: torch.Tensor) -> float:
+        """The terms of one batch summed, from the last block's output ``hidden`` (``[batch, seq, hidden]``)."""
+
+    def score_of(self, mean: float) -> float:
+        """The score of a mean (non-decreasing)."""
+
+
 class FastScorer:
     """Scores candidates by replaying blocks from cached block inputs, aborting those that cannot win.
 
@@ -44,15 +59,17 @@ class FastScorer:
         exhaustive: score every candidate on every batch (no early abort).
         replay_state_bytes: memory for replay states kept across steps (0: keep none). When the step's
             candidates could produce more, only the states at every ``stride``-th block are kept.
+        objective: score by this instead of the output distance to the original model.
     """
 
     def __init__(
         self, context: ScoringContext, *, exhaustive: bool = False,
-        replay_state_bytes: int = DEFAULT_REPLAY_STATE_BYTES,
+        replay_state_bytes: int = DEFAULT_REPLAY_STATE_BYTES, objective: Objective | None = None,
     ) -> None:
         self.context = context
         self.exhaustive = exhaustive
-        self.gram = GramReference(context) if gram_applies(context) else None
+        self.objective = objective
+        self.gram = GramReference(context) if objective is None and gram_applies(context) else None
         num_blocks = context.adapter.num_blocks(context.model)
         self._inputs = [[batch.first_block_input] + [None] * (num_blocks - 1) for batch in context.batches]
         self._valid_through = 0  # block inputs 0.._valid_through are current
@@ -89,14 +106,17 @@ class FastScorer:
         self._choose_stride(candidates)
         # The samples that carried most of the previous step's complete distances are scored first.
         hint = [c.batch_sums for c in previous if c.batch_sums is not None]
+        num_positions = self.objective.num_positions if self.objective else context.num_positions
+        score_of = self.objective.score_of if self.objective else None
         with masked(context.model, context.adapter, removed):
             self._refresh()
             bounded = best_first(candidates, self._batch_sum, num_batches=num_batches,
-                                 num_positions=context.num_positions, exhaustive=self.exhaustive, hint=hint,
-                                 savings=savings)
+                                 num_positions=num_positions, exhaustive=self.exhaustive, hint=hint,
+                                 savings=savings, score_of=score_of)
         results = []
         for unit in candidates:
-            value = bounded[unit].value(context.num_positions)
+            value = bounded[unit].value(num_positions)
+            value = score_of(value) if score_of else value
             samples = sum(context.batches[b].num_samples for b in bounded[unit].sums)
             if bounded[unit].complete:
                 sums = tuple(bounded[unit].sums[b] for b in range(num_batches))
@@ -111,7 +131,9 @@ class FastScorer:
         """``unit``'s distance summed over one batch's positions (on top of the removals already masked)."""
         with masked(self.context.model, self.context.adapter, [unit]):
             hidden = self._replay(unit, batch_index)
-            if self.gram is not None:
+            if self.objective is not None:
+                total = self.objective.batch_sum(batch_index, hidden)
+            elif self.gram is not None:
                 total = self.gram.distance_sum(batch_index, hidden)
             else:
                 total = self.context.distance_sum(batch_index, hidden)
