@@ -95,22 +95,22 @@ def split(work: dict) -> str:
             f"{work['ffe_head']:.2f} head)")
 
 
-def part1_scorers(contexts: dict, metric: str) -> dict:
+def part1_scorer(name: str, context: ScoringContext, metric: str):
     if metric == "ppl":
-        return {"fast": perplexity_scorer(contexts["fast"]),
-                "replay": perplexity_scorer(contexts["replay"], exhaustive=True, replay_state_bytes=0),
-                "naive": perplexity_scorer(contexts["naive"], scorer="naive")}
-    return {"fast": FastScorer(contexts["fast"]), "naive": NaiveScorer(contexts["naive"])}
+        options = {"fast": {}, "replay": dict(exhaustive=True, replay_state_bytes=0), "naive": dict(scorer="naive")}
+        return perplexity_scorer(context, **options[name])
+    return {"fast": FastScorer, "naive": NaiveScorer}[name](context)
 
 
-def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, window: dict) -> None:
+def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, window: dict,
+                       names: tuple[str, ...] = ("fast", "naive")) -> None:
+    """Part 1 with the scorers ``names`` (``fast`` first; the last is the reference of the summary)."""
     num_blocks = adapter.num_blocks(model)
-    names = ("fast", "replay", "naive") if metric == "ppl" else ("fast", "naive")
     distance = metric_named("js" if metric == "ppl" else metric)  # BlockPruner never reads the reference
     contexts = {name: ScoringContext.build(model, adapter, distance, input_ids, batch_size=BATCH["size"])
                 for name in names}
     flops = flop_costs(model, adapter, contexts["fast"])
-    scorers = part1_scorers(contexts, metric)
+    scorers = {name: part1_scorer(name, contexts[name], metric) for name in names}
     if metric == "ppl":
         window = dict(window_until_ratio=0.0, window_first_block=0)
     print(f"part 1: {steps} steps, metric {metric}, fast distance path: {scorers['fast'].distance_path}; "
@@ -126,31 +126,32 @@ def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, wi
                                        completed=done[name], **window)
             cpu[name] += time.process_time() - cpu_before
             works[name].append(spent(before, snapshot(contexts[name]), flops))
-        fast, naive = done["fast"][k], done["naive"][k]
+        fast, naive = done["fast"][k], done[names[-1]][k]
         aborted = sum(c.aborted for c in fast.candidates)
-        print(f"step {k + 1}: {len(fast.candidates)} candidates, removed fast {fast.unit} / naive {naive.unit}\n"
+        print(f"step {k + 1}: {len(fast.candidates)} candidates, removed fast {fast.unit} / {names[-1]} {naive.unit}\n"
               f"  fast  {fast.seconds:7.1f} s, {fast.samples_evaluated:4d} samples evaluated, {aborted} aborted; "
               f"{split(works['fast'][k])}", flush=True)
         for name in names[1:]:
             step = done[name][k]
             print(f"  {name:6s}{step.seconds:7.1f} s, {step.samples_evaluated:4d} samples; {split(works[name][k])}\n"
                   f"  wall-time ratio {name}/fast {step.seconds / fast.seconds:.2f}", flush=True)
-    if "replay" in done:
+    if "replay" in done and names[-1] != "replay":
         replay_seconds = sum(s.seconds for s in done["replay"])
         print(f"replay/fast wall-time ratio {replay_seconds / sum(s.seconds for s in done['fast']):.2f}, same order: "
               f"{[s.unit for s in done['replay']] == [s.unit for s in done['fast']]}")
     fast_seconds = sum(s.seconds for s in done["fast"])
-    naive_seconds = sum(s.seconds for s in done["naive"])
-    same_order = [s.unit for s in done["fast"]] == [s.unit for s in done["naive"]]
+    naive = names[-1]
+    naive_seconds = sum(s.seconds for s in done[naive])
+    same_order = [s.unit for s in done["fast"]] == [s.unit for s in done[naive]]
     worst = max(abs(f.distance - n.distance) / max(abs(n.distance), 1e-30)
-                for fs, ns in zip(done["fast"], done["naive"])
+                for fs, ns in zip(done["fast"], done[naive])
                 for f, n in zip(fs.candidates, ns.candidates) if f.distance is not None)
     fast_ffe = sum(w["ffe"] for w in works["fast"]) / steps
-    naive_ffe = sum(w["ffe"] for w in works["naive"]) / steps
-    print(f"total: fast {fast_seconds:.1f} s, naive {naive_seconds:.1f} s: naive/fast wall-time ratio "
-          f"{naive_seconds / fast_seconds:.1f} (process CPU time: fast {cpu['fast']:.0f} s, naive "
-          f"{cpu['naive']:.0f} s, ratio {cpu['naive'] / cpu['fast']:.1f}); full-forward equivalents per removed "
-          f"sub-layer: fast {fast_ffe:.2f}, naive {naive_ffe:.2f}")
+    naive_ffe = sum(w["ffe"] for w in works[naive]) / steps
+    print(f"total: fast {fast_seconds:.1f} s, {naive} {naive_seconds:.1f} s: {naive}/fast wall-time ratio "
+          f"{naive_seconds / fast_seconds:.2f} (process CPU time: fast {cpu['fast']:.0f} s, {naive} "
+          f"{cpu[naive]:.0f} s, ratio {cpu[naive] / cpu['fast']:.2f}); full-forward equivalents per removed "
+          f"sub-layer: fast {fast_ffe:.2f}, {naive} {naive_ffe:.2f}")
     print(f"same removal order: {same_order} ({', '.join(str(s.unit) for s in done['fast'])}); largest relative "
           f"difference of fully scored candidates' distances {worst:.2e} (float32)", flush=True)
     for context in contexts.values():
@@ -248,6 +249,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="steps of part 1 (0 skips it)")
     parser.add_argument("--metric", default="js", help="metric of part 1 (ppl: BlockPruner's perplexity)")
+    parser.add_argument("--scorers", help="part 1's scorers, fast first, the summary's reference last (default "
+                                           "fast,naive; with --metric ppl fast,replay,naive)")
     parser.add_argument("--naive-candidates", type=int,
                         help="time the naive scorer on this many candidates per step only, extrapolated (part 1)")
     parser.add_argument("--full-ratio", type=float, default=0.25, help="ratio of part 2 (0 skips it)")
@@ -277,7 +280,9 @@ def main() -> None:
         fast_vs_sampled_naive(model, adapter, input_ids, metric=args.metric, steps=args.steps, window=window,
                               sampled=args.naive_candidates)
     elif args.steps:
-        compare_fast_naive(model, adapter, input_ids, metric=args.metric, steps=args.steps, window=window)
+        names = args.scorers or ("fast,replay,naive" if args.metric == "ppl" else "fast,naive")
+        compare_fast_naive(model, adapter, input_ids, metric=args.metric, steps=args.steps, window=window,
+                           names=tuple(names.split(",")))
     if args.full_ratio:
         for metric in args.full_metrics.split(","):
             for memory in args.replay_memory.split(","):
