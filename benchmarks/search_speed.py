@@ -126,9 +126,10 @@ def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, wi
                                        completed=done[name], **window)
             cpu[name] += time.process_time() - cpu_before
             works[name].append(spent(before, snapshot(contexts[name]), flops))
-        fast, naive = done["fast"][k], done[names[-1]][k]
+        fast, reference = done["fast"][k], done[names[-1]][k]
         aborted = sum(c.aborted for c in fast.candidates)
-        print(f"step {k + 1}: {len(fast.candidates)} candidates, removed fast {fast.unit} / {names[-1]} {naive.unit}\n"
+        print(f"step {k + 1}: {len(fast.candidates)} candidates, removed fast {fast.unit} / {names[-1]} "
+              f"{reference.unit}\n"
               f"  fast  {fast.seconds:7.1f} s, {fast.samples_evaluated:4d} samples evaluated, {aborted} aborted; "
               f"{split(works['fast'][k])}", flush=True)
         for name in names[1:]:
