@@ -10,12 +10,16 @@ full-forward equivalents (FLOPs spent scoring divided by the FLOPs of one full f
 output head included). It checks that both removed the same units and gave the same distances to every
 candidate the fast path scored completely.
 
+With a distance metric, ``--scorers fast,nosubset,naive`` adds ``nosubset``: the fast scorer without the
+vocabulary-subset bounds of JS (``subset_tokens=0``), what the fast path was before them.
+
 With ``--metric ppl`` (BlockPruner: the calibration perplexity over every block, no window) part 1 adds a
 third scorer, ``replay``: replay from each candidate's own block with neither replay states nor early abort,
 what BlockPruner's scorer did before it shared the fast path.
 
 Part 2: whole runs of the fast search to ``--full-ratio`` for each of ``--full-metrics``, timed from the
-original-model pass (included) to the last removal.
+original-model pass (included) to the last removal; ``--subset-tokens 4096,0`` runs each once with and once
+without the vocabulary-subset bounds (JS), one after the other.
 
 FLOPs are counted with ``torch.utils.flop_counter`` on one dense block, one head row and one full forward of a
 sample; a replayed block is booked at its dense cost even when one of its sub-layers is removed (an over-count
@@ -71,14 +75,16 @@ def flop_costs(model, adapter, context: ScoringContext) -> dict:
 def snapshot(context: ScoringContext) -> dict:
     work = context.work
     return {"block_runs": list(work.block_runs), "head_rows": work.head_rows, "gram_rows": work.gram_rows,
-            "seconds": dict(work.seconds)}
+            "subset_head_rows": work.subset_head_rows, "seconds": dict(work.seconds)}
 
 
 def spent(before: dict, after: dict, flops: dict) -> dict:
     """Work between two snapshots: seconds per part and full-forward equivalents."""
     block_flops = sum((a - b) * f for a, b, f in zip(after["block_runs"], before["block_runs"],
                                                       flops["block_per_sample"]))
-    head_flops = (after["head_rows"] - before["head_rows"]) * flops["head_per_row"]
+    # a subset bound's head rows are booked as the fraction of a full head row they cost
+    head_rows = after["head_rows"] - before["head_rows"] + after["subset_head_rows"] - before["subset_head_rows"]
+    head_flops = head_rows * flops["head_per_row"]
     gram_flops = (after["gram_rows"] - before["gram_rows"]) * flops["gram_per_row"]
     return {
         "seconds": {k: after["seconds"][k] - before["seconds"][k] for k in after["seconds"]},
@@ -99,7 +105,9 @@ def part1_scorer(name: str, context: ScoringContext, metric: str):
     if metric == "ppl":
         options = {"fast": {}, "replay": dict(exhaustive=True, replay_state_bytes=0), "naive": dict(scorer="naive")}
         return perplexity_scorer(context, **options[name])
-    return {"fast": FastScorer, "naive": NaiveScorer}[name](context)
+    scorers = {"fast": lambda c: FastScorer(c), "nosubset": lambda c: FastScorer(c, subset_tokens=0),
+               "naive": lambda c: NaiveScorer(c)}
+    return scorers[name](context)
 
 
 def compare_fast_naive(model, adapter, input_ids, *, metric: str, steps: int, window: dict,
@@ -211,24 +219,25 @@ def fast_vs_sampled_naive(model, adapter, input_ids, *, metric: str, steps: int,
 
 
 def full_run(model, adapter, input_ids, *, metric: str, ratio: float, window: dict, max_steps: int | None,
-             replay_memory_gb: float = 2.0) -> None:
+             replay_memory_gb: float = 2.0, subset_tokens: int | None = None) -> None:
     num_blocks = adapter.num_blocks(model)
     target = target_count(ratio, count_units(num_blocks, "sublayer"))
     planned = target if max_steps is None else min(target, max_steps)
     started, cpu_started = time.perf_counter(), time.process_time()
     context = ScoringContext.build(model, adapter, metric_named(metric), input_ids, batch_size=BATCH["size"])
-    scorer = FastScorer(context, replay_state_bytes=int(replay_memory_gb * 2**30))
+    scorer = FastScorer(context, replay_state_bytes=int(replay_memory_gb * 2**30), subset_tokens=subset_tokens)
     reference_seconds = time.perf_counter() - started
     flops = flop_costs(model, adapter, context)
     before = snapshot(context)
 
     def report(step):
         print(f"  step {step.index + 1:2d}: {step.unit}, distance {step.distance:.5g}, {step.seconds:5.1f} s, "
-              f"{step.samples_evaluated} samples, {sum(c.aborted for c in step.candidates)}/{len(step.candidates)} "
-              "aborted", flush=True)
+              f"{step.samples_evaluated} samples (+ {sum(c.subset_samples or 0 for c in step.candidates)} bounded), "
+              f"{sum(c.aborted for c in step.candidates)}/{len(step.candidates)} aborted", flush=True)
 
     print(f"part 2: run of ratio {ratio} ({target} sub-layers), {planned} steps of it, metric {metric}, distance "
-          f"path {scorer.distance_path}, replay states within {replay_memory_gb:g} GiB", flush=True)
+          f"path {scorer.distance_path}, replay states within {replay_memory_gb:g} GiB, vocabulary-subset bound "
+          f"{scorer.subset.tokens if scorer.subset else 0} tokens", flush=True)
     steps = greedy_search(scorer, num_blocks=num_blocks, granularity="sublayer", target=planned, on_step=report,
                           **window)
     work = spent(before, snapshot(context), flops)
@@ -260,6 +269,9 @@ def main() -> None:
     parser.add_argument("--replay-memory", default="2",
                         help="GiB for replay states in part 2; a comma-separated list runs part 2 once per value "
                              "(e.g. 2,0: with and without them, one after the other in this process)")
+    parser.add_argument("--subset-tokens", default="default",
+                        help="vocabulary-subset tokens of the JS bounds in part 2 (0: none); a comma-separated "
+                             "list runs part 2 once per value (e.g. 4096,0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1, help="samples per batch: the early-abort granularity")
     args = parser.parse_args()
@@ -287,8 +299,10 @@ def main() -> None:
     if args.full_ratio:
         for metric in args.full_metrics.split(","):
             for memory in args.replay_memory.split(","):
-                full_run(model, adapter, input_ids, metric=metric, ratio=args.full_ratio, window=window,
-                         max_steps=args.full_steps, replay_memory_gb=float(memory))
+                for tokens in args.subset_tokens.split(","):
+                    full_run(model, adapter, input_ids, metric=metric, ratio=args.full_ratio, window=window,
+                             max_steps=args.full_steps, replay_memory_gb=float(memory),
+                             subset_tokens=None if tokens == "default" else int(tokens))
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
 
 

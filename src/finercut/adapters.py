@@ -87,11 +87,20 @@ class ArchitectureAdapter:
         no vocabulary-free form of a distance applies. A weight tied to the embeddings is returned as is (read
         only).
         """
-        head = model.get_submodule(self.head)
-        cap = getattr(model.config, self.logit_softcap, None) if self.logit_softcap else None
-        if type(head) is not nn.Linear or head.bias is not None or cap is not None:
+        linear = self.linear_head(model)
+        if linear is None or linear[1] is not None or linear[2] is not None:
             return None
-        return head.weight
+        return linear[0]
+
+    def linear_head(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None] | None:
+        """``(W, b, cap)`` if :meth:`head_logits` is ``z = h W^T + b`` followed, with a ``cap``, by
+        ``cap tanh(z / cap)``: each logit then depends on its own row of ``W`` only. None if the head is not a
+        plain ``nn.Linear``. ``b`` and ``cap`` are None where absent."""
+        head = model.get_submodule(self.head)
+        if type(head) is not nn.Linear:
+            return None
+        cap = getattr(model.config, self.logit_softcap, None) if self.logit_softcap else None
+        return head.weight, head.bias, cap
 
     def layout(self, model: nn.Module, removed: list[dict[str, Any]]) -> dict[str, Any]:
         """The pruning layout of ``model`` (dense) with ``removed`` sub-layers, for config and checkpoint."""

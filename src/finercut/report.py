@@ -83,14 +83,17 @@ STEP_COLUMNS = ["step", "removed", "distance", "candidates", "lower bounds", "sa
 
 def step_rows(steps: Sequence[dict[str, Any]]) -> list[list[str]]:
     """The steps table (:data:`STEP_COLUMNS`): step, removed unit, its distance, candidates scored, how many of
-    them hold only a lower bound, and the calibration samples scored over all candidates ('–' if not recorded)."""
+    them hold only a lower bound, and the calibration samples scored over all candidates ('–' if not recorded),
+    with those only bounded from a vocabulary subset ("+ N bounded") where there are any."""
     rows = []
     for number, step in enumerate(steps, start=1):
         candidates = step.get("candidates", [])
         distance, samples = step.get("distance"), step.get("samples_evaluated")
+        bounded = sum(c.get("subset_samples") or 0 for c in candidates)
+        scored = "–" if samples is None else str(samples) + (f" + {bounded} bounded" if bounded else "")
         rows.append([str(number), str(Unit.from_dict(step["removed"])),
                      "–" if distance is None else f"{distance:.6g}", str(len(candidates)),
-                     str(sum(is_bound(c) for c in candidates)), "–" if samples is None else str(samples)])
+                     str(sum(is_bound(c) for c in candidates)), scored])
     return rows
 
 

@@ -42,6 +42,9 @@ class CandidateScore:
     batch_sums: tuple[float, ...] | None = None
     """A complete candidate's distance summed per calibration batch (the fast scorer scores the next step's
     samples in the order these suggest); None where not kept."""
+    subset_samples: int | None = None
+    """Aborted with vocabulary-subset bounds: samples it was only bounded on (their blocks ran, the full head
+    did not), beyond the ``samples`` scored exactly; their bounds are part of ``lower_bound``."""
 
     @property
     def aborted(self) -> bool:
@@ -64,13 +67,16 @@ class CandidateScore:
             data["samples"] = self.samples
         if self.batch_sums is not None:
             data["batch_sums"] = list(self.batch_sums)
+        if self.subset_samples is not None:
+            data["subset_samples"] = self.subset_samples
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "CandidateScore":
-        samples, sums = data.get("samples"), data.get("batch_sums")
+        samples, sums, bounded = data.get("samples"), data.get("batch_sums"), data.get("subset_samples")
         return cls(Unit.from_dict(data), _optional_float(data["distance"]), _optional_float(data.get("lower_bound")),
-                   None if samples is None else int(samples), None if sums is None else tuple(map(float, sums)))
+                   None if samples is None else int(samples), None if sums is None else tuple(map(float, sums)),
+                   None if bounded is None else int(bounded))
 
 
 def _as_score(entry: CandidateScore | tuple) -> CandidateScore:

@@ -4,7 +4,8 @@ Two scorers with the same interface and the same selections:
 
 * :class:`FastScorer` (:mod:`~finercut.scoring.replay`): prefix-cached replay of the blocks after the
   candidate, exact early abort (:mod:`~finercut.scoring.bounds`) and, for angular and Euclidean with a plain
-  linear head, distances without the vocabulary (:mod:`~finercut.scoring.gram`).
+  linear head, distances without the vocabulary (:mod:`~finercut.scoring.gram`); for JS, lower bounds from a
+  subset of the vocabulary before the full head (:mod:`~finercut.scoring.subset`).
 * :class:`NaiveScorer` (:mod:`~finercut.scoring.naive`): a full forward per candidate and the plain distance
   functions; the reference the fast path is tested against.
 
@@ -32,6 +33,7 @@ from finercut.scoring.context import (
 from finercut.scoring.gram import DISTANCE_PATHS, FULL_HEAD, GRAM, GramReference, gram_applies
 from finercut.scoring.naive import NaiveScorer
 from finercut.scoring.replay import DEFAULT_REPLAY_STATE_BYTES, FastScorer
+from finercut.scoring.subset import DEFAULT_SUBSET_TOKENS, SubsetBound, subset_size
 
 SCORERS: dict[str, Callable[..., Any]] = {"fast": FastScorer, "naive": NaiveScorer}
 """Scorer name -> class; both take ``(context, *, exhaustive=...)``."""
@@ -45,6 +47,8 @@ def describe_scoring(
     distance, e.g. ``ppl`` for BlockPruner)."""
     fast = scorer == "fast"
     path = GRAM if fast and objective is None and gram_applies(context) else FULL_HEAD
+    bounds_subset = fast and not exhaustive and objective is None and path == FULL_HEAD
+    subset_tokens = subset_size(context, None) if bounds_subset else 0
     if fast and replay_state_bytes is None:
         replay_state_bytes = DEFAULT_REPLAY_STATE_BYTES
     return {
@@ -53,6 +57,7 @@ def describe_scoring(
         "distance_path": path,
         "distance_path_description": DISTANCE_PATHS[path],
         "early_abort": fast and not exhaustive,
+        "subset_bound_tokens": subset_tokens,
         "samples_per_batch": context.batches[0].num_samples,
         "num_samples": context.num_samples,
         **({"objective": objective} if objective else {}),
@@ -61,6 +66,7 @@ def describe_scoring(
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_REFERENCE_BYTES", "DEFAULT_REPLAY_STATE_BYTES",
+    "DEFAULT_SUBSET_TOKENS", "SubsetBound", "subset_size",
     "DISTANCE_PATHS", "FULL_HEAD", "GRAM",
     "SCORERS", "BlockCall", "BoundedSum", "CalibrationBatch", "FastScorer", "GramReference", "NaiveScorer",
     "ReferenceOutput", "ScoringContext", "Work", "best_first", "capture_calibration", "check_finite",

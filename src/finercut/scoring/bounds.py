@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from finercut.candidates import Unit
@@ -55,20 +55,21 @@ def lower_bound(partial_sums: Sequence[float], num_positions: int) -> float:
 @dataclass(frozen=True)
 class BoundedSum:
     """A candidate's per-batch distance sums: over all batches (complete) or over those scored before it was
-    left behind (aborted)."""
+    left behind (aborted), and for an aborted one the cheap bounds of batches it was not scored on exactly."""
 
     sums: dict[int, float]
     complete: bool
+    bounds: dict[int, float] = field(default_factory=dict)
 
     def value(self, num_positions: int) -> float:
         """The distance if complete, else the lower bound."""
-        return lower_bound(list(self.sums.values()), num_positions)
+        return lower_bound([*self.sums.values(), *self.bounds.values()], num_positions)
 
 
 def best_first(
     units: Sequence[Unit], batch_sum: Callable[[Unit, int], float], *, num_batches: int, num_positions: int,
     exhaustive: bool = False, hint: Sequence[Sequence[float]] = (), savings: Callable[[Unit], float] | None = None,
-    score_of: Callable[[float], float] | None = None,
+    score_of: Callable[[float], float] | None = None, batch_bound: Callable[[Unit, int], float] | None = None,
 ) -> dict[Unit, BoundedSum]:
     """Score ``units`` batch by batch, always advancing the one with the smallest lower bound, until a complete
     one is smallest: the unit :func:`finercut.candidates.select_least` would pick from the complete scores.
@@ -91,8 +92,14 @@ def best_first(
     its bound, so the unit on top when complete is the one the selection picks from the mapped scores, ties
     in the mapped values included (two means one ulp apart may map to the same perplexity).
 
+    With ``batch_bound`` (a cheaper lower bound of ``batch_sum``, e.g. :mod:`finercut.scoring.subset`), a unit
+    is first bounded on its batches, in the same order, and then scored exactly batch by batch, each exact sum
+    replacing its bound; its lower bound counts the exact sums where known and the bounds elsewhere. A bound
+    is at most the exact sum (checked whenever both are known), so the argument above is unchanged.
+
     Args:
         batch_sum: ``(unit, batch index) -> sum over the batch's positions`` (must be >= 0).
+        batch_bound: ``(unit, batch index) -> a lower bound >= 0 of batch_sum`` (not used when exhaustive).
         exhaustive: score every unit on every batch (the plain path).
         savings: ``unit -> cost its removal saves`` (> 0 for every unit): order by distance per cost saved.
         score_of: the non-decreasing map from a mean to the score the selection compares (default: none).
@@ -101,15 +108,24 @@ def best_first(
         Per unit, the sums it was scored on.
     """
     sums: dict[Unit, dict[int, float]] = {unit: {} for unit in units}
+    bounds: dict[Unit, dict[int, float]] = {unit: {} for unit in units}
     complete_sums: list[list[float]] = []
     order = sample_order([sums for sums in hint if len(sums) == num_batches], num_batches)
+    if exhaustive:
+        batch_bound = None
 
     def advance(unit: Unit) -> None:
         nonlocal order
+        if batch_bound is not None:
+            unbounded = next((b for b in order if b not in sums[unit] and b not in bounds[unit]), None)
+            if unbounded is not None:
+                bounds[unit][unbounded] = _checked(batch_bound(unit, unbounded), unit, "bound")
+                return
         index = next(b for b in order if b not in sums[unit])
-        value = batch_sum(unit, index)
-        if not value >= 0:
-            raise ValueError(f"distance sum {value} of {unit} is negative or NaN: the lower bound would not hold")
+        value = _checked(batch_sum(unit, index), unit, "sum")
+        if index in bounds[unit] and bounds[unit].pop(index) > value:
+            raise ValueError(f"the bound of {unit} on batch {index} exceeds its distance sum {value}: the early "
+                             "abort would not be exact")
         sums[unit][index] = value
         if len(sums[unit]) == num_batches:
             complete_sums.append([sums[unit][b] for b in range(num_batches)])
@@ -124,7 +140,7 @@ def best_first(
             raise ValueError("every candidate ranked by distance per cost must save a positive cost")
 
         def rank(unit: Unit) -> float:
-            bound = lower_bound(list(sums[unit].values()), num_positions)
+            bound = lower_bound([*sums[unit].values(), *bounds[unit].values()], num_positions)
             if score_of is not None:
                 bound = score_of(bound)
             # The same division select_least_per_cost makes (distance_per_cost), so a complete unit's key
@@ -137,4 +153,11 @@ def best_first(
             _, key, position = heapq.heappop(heap)
             advance(units[position])
             heapq.heappush(heap, (rank(units[position]), key, position))
-    return {unit: BoundedSum(sums[unit], complete=len(sums[unit]) == num_batches) for unit in units}
+    return {unit: BoundedSum(sums[unit], complete=len(sums[unit]) == num_batches, bounds=bounds[unit])
+            for unit in units}
+
+
+def _checked(value: float, unit: Unit, what: str) -> float:
+    if not value >= 0:
+        raise ValueError(f"distance {what} {value} of {unit} is negative or NaN: the lower bound would not hold")
+    return value

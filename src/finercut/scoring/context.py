@@ -117,6 +117,8 @@ class Work:
     """Positions run through the full output head (vocabulary-sized logits)."""
     gram_rows: int = 0
     """Positions scored by a vocabulary-free (Gram-matrix) distance instead."""
+    subset_head_rows: float = 0.0
+    """Output-head rows' worth of work in vocabulary-subset bounds (positions x subset tokens / vocabulary)."""
     seconds: dict[str, float] = field(default_factory=lambda: {"blocks": 0.0, "head": 0.0, "distance": 0.0})
     """Wall time in decoder blocks (whole forwards for the naive scorer), in the output head, in distances."""
 

@@ -11,6 +11,9 @@
 * **Early abort** (:mod:`finercut.scoring.bounds`): candidates are scored batch by batch, always the one with
   the smallest lower bound next, so a candidate stops as soon as its bound exceeds the winner's distance.
   ``exhaustive=True`` scores every candidate on every batch.
+* **Vocabulary-subset bounds** (:mod:`finercut.scoring.subset`, JS on a linear head): each batch of a
+  candidate is first bounded from a few thousand of the head's rows; the full head runs only for candidates
+  still close enough to win, on the block output kept from the bounding pass.
 * **Distance.** Angular and Euclidean go through ``G = W^T W`` when the head allows it
   (:mod:`finercut.scoring.gram`); otherwise the full head, chunked, against the prepared reference. Another
   :class:`Objective` (BlockPruner's calibration perplexity) takes the distance's place.
@@ -31,11 +34,15 @@ from finercut.masking import masked
 from finercut.scoring.bounds import best_first
 from finercut.scoring.context import ScoringContext, check_finite, run_block
 from finercut.scoring.gram import FULL_HEAD, GRAM, GramReference, gram_applies
+from finercut.scoring.subset import SubsetBound, subset_size
 from finercut.search import CandidateScore
 
 
 DEFAULT_REPLAY_STATE_BYTES = 2 * 2**30
 """Memory for the replay states kept across steps (the hidden states of candidates' replays)."""
+BOUNDED_OUTPUT_BYTES = 2**30
+"""Memory for the last-block outputs of bounded batches, kept within a step for their exact scoring (beyond it
+a batch is replayed again, from its latest replay state)."""
 
 
 class Objective(Protocol):
@@ -60,16 +67,23 @@ class FastScorer:
         replay_state_bytes: memory for replay states kept across steps (0: keep none). When the step's
             candidates could produce more, only the states at every ``stride``-th block are kept.
         objective: score by this instead of the output distance to the original model.
+        subset_tokens: tokens per batch of the vocabulary-subset bound (None: the default where it applies;
+            0: none).
     """
 
     def __init__(
         self, context: ScoringContext, *, exhaustive: bool = False,
         replay_state_bytes: int = DEFAULT_REPLAY_STATE_BYTES, objective: Objective | None = None,
+        subset_tokens: int | None = None,
     ) -> None:
         self.context = context
         self.exhaustive = exhaustive
         self.objective = objective
         self.gram = GramReference(context) if objective is None and gram_applies(context) else None
+        tokens = subset_size(context, subset_tokens) if objective is None and self.gram is None else 0
+        self.subset = SubsetBound(context, tokens) if tokens and not exhaustive else None
+        self._bounded_outputs: dict[tuple[Unit, int], torch.Tensor] = {}
+        self._bounded_bytes = 0
         num_blocks = context.adapter.num_blocks(context.model)
         self._inputs = [[batch.first_block_input] + [None] * (num_blocks - 1) for batch in context.batches]
         self._valid_through = 0  # block inputs 0.._valid_through are current
@@ -110,9 +124,14 @@ class FastScorer:
         score_of = self.objective.score_of if self.objective else None
         with masked(context.model, context.adapter, removed):
             self._refresh()
-            bounded = best_first(candidates, self._batch_sum, num_batches=num_batches,
-                                 num_positions=num_positions, exhaustive=self.exhaustive, hint=hint,
-                                 savings=savings, score_of=score_of)
+            try:
+                bounded = best_first(candidates, self._batch_sum, num_batches=num_batches,
+                                     num_positions=num_positions, exhaustive=self.exhaustive, hint=hint,
+                                     savings=savings, score_of=score_of,
+                                     batch_bound=self._batch_bound if self.subset else None)
+            finally:
+                self._bounded_outputs.clear()
+                self._bounded_bytes = 0
         results = []
         for unit in candidates:
             value = bounded[unit].value(num_positions)
@@ -122,13 +141,30 @@ class FastScorer:
                 sums = tuple(bounded[unit].sums[b] for b in range(num_batches))
                 results.append(CandidateScore(unit, value, samples=samples, batch_sums=sums))
             else:
-                results.append(CandidateScore(unit, None, lower_bound=value, samples=samples))
+                only_bounded = sum(context.batches[b].num_samples for b in bounded[unit].bounds)
+                results.append(CandidateScore(unit, None, lower_bound=value, samples=samples,
+                                              subset_samples=only_bounded if self.subset else None))
             if on_candidate:
                 on_candidate(unit, value)
         return results
 
+    def _batch_bound(self, unit: Unit, batch_index: int) -> float:
+        """A lower bound of :meth:`_batch_sum` from the vocabulary subset; keeps the block output for it."""
+        with masked(self.context.model, self.context.adapter, [unit]):
+            hidden = self._replay(unit, batch_index)
+        total = check_finite(self.subset.bound_sum(batch_index, hidden), unit, self.context.model.dtype)
+        if self._bounded_bytes + hidden.nbytes <= BOUNDED_OUTPUT_BYTES:
+            self._bounded_outputs[unit, batch_index] = hidden
+            self._bounded_bytes += hidden.nbytes
+        return total
+
     def _batch_sum(self, unit: Unit, batch_index: int) -> float:
         """``unit``'s distance summed over one batch's positions (on top of the removals already masked)."""
+        kept = self._bounded_outputs.pop((unit, batch_index), None)
+        if kept is not None:
+            self._bounded_bytes -= kept.nbytes
+            total = self.context.distance_sum(batch_index, kept)
+            return check_finite(total, unit, self.context.model.dtype)
         with masked(self.context.model, self.context.adapter, [unit]):
             hidden = self._replay(unit, batch_index)
             if self.objective is not None:
