@@ -60,10 +60,27 @@ def test_the_bound_never_exceeds_js_and_newton_reaches_the_best_bound_of_the_sub
     js = js_divergence(ref, pruned)
     for steps in (0, 1, 3):
         assert (js_subset_lower_bound(p_subset, tail, pruned[:, subset], newton_steps=steps) <= js).all()
-    bound = js_subset_lower_bound(p_subset, tail, pruned[:, subset], newton_steps=8)
+    bound = js_subset_lower_bound(p_subset, tail, pruned[:, subset], newton_steps=8, tolerance=0.0)
     for position in range(8):
         best = g_on_grid(p_subset[position], tail[position], pruned[position, subset])
         assert best - 1e-6 <= bound[position] <= best + 1e-12
+
+
+def test_refining_stops_within_the_tolerance_of_the_best_bound_of_the_subset():
+    # The refinement stops once the tangents could gain at most `tolerance` of the bound in sum, so the sum is
+    # within that fraction of the sum of the exact minima of g.
+    generator = torch.Generator().manual_seed(11)
+    ref = torch.randn(16, 40, dtype=torch.float64, generator=generator) * 3
+    pruned = ref + torch.randn(16, 40, dtype=torch.float64, generator=generator)
+    p = torch.softmax(ref, -1)
+    subset = p.sum(0).topk(10).indices
+    p_subset, tail = p[:, subset], 1 - p[:, subset].sum(-1)
+    bound = js_subset_lower_bound(p_subset, tail, pruned[:, subset], newton_steps=50, tolerance=0.01)
+    best = sum(g_on_grid(p_subset[i], tail[i], pruned[i, subset]) for i in range(16))
+    assert best / 1.01 - 1e-9 <= bound.sum() <= best + 1e-9
+    prepared = torch.special.xlogy(p_subset, p_subset).sum(-1)
+    assert torch.equal(js_subset_lower_bound(p_subset, tail, pruned[:, subset], newton_steps=50, tolerance=0.01,
+                                             p_log_p=prepared), bound)
 
 
 def test_the_bound_is_zero_for_an_unchanged_distribution_and_positive_for_a_changed_one():

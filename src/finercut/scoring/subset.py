@@ -57,6 +57,7 @@ class SubsetBound:
         self.vocab = head.out_features
         self.p_subset: list[torch.Tensor] = []  # per batch [positions, K], float64
         self.tail_mass: list[torch.Tensor] = []  # per batch [positions], float64
+        self.p_log_p: list[torch.Tensor] = []  # per batch [positions]: sum over S of p log p
         self.rows: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # per batch (W[S], b[S])
         with torch.inference_mode(), align_module_device(head):
             weight, bias, self.cap = adapter.linear_head(model)
@@ -64,6 +65,7 @@ class SubsetBound:
                 subset, p_subset = self._subset(batch.reference_output)
                 self.p_subset.append(p_subset)
                 self.tail_mass.append((1.0 - p_subset.sum(-1)).clamp_(min=0.0))
+                self.p_log_p.append(torch.special.xlogy(p_subset, p_subset).sum(-1))
                 self.rows.append((weight[subset].clone(), None if bias is None else bias[subset].clone()))
 
     def _subset(self, block_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +94,8 @@ class SubsetBound:
             if self.cap is not None:
                 logits = torch.tanh(logits / self.cap) * self.cap
         with work.timed("distance"):
-            total = float(js_subset_lower_bound(self.p_subset[batch_index], self.tail_mass[batch_index], logits).sum())
+            bounds = js_subset_lower_bound(self.p_subset[batch_index], self.tail_mass[batch_index], logits,
+                                           p_log_p=self.p_log_p[batch_index])
+            total = float(bounds.sum())
         work.subset_head_rows += logits.shape[0] * self.tokens / self.vocab
         return total * SAFETY
