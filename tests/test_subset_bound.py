@@ -9,6 +9,7 @@ from torch import nn
 
 from finercut.adapters import adapter_for
 from finercut.candidates import Unit, select_least
+from finercut.cli import format_step
 from finercut.distances import js_divergence, js_subset_lower_bound, metric_named
 from finercut.report import step_rows
 from finercut.scoring import FastScorer, ScoringContext, best_first, describe_scoring
@@ -206,6 +207,9 @@ def test_a_subset_bound_left_candidate_is_recorded_with_its_bounded_samples():
     bounded = sum(c.subset_samples or 0 for c in step.candidates)
     row = step_rows([step.to_dict()])[0]
     assert row[-1] == f"{step.samples_evaluated} + {bounded} bounded"
+    shown = format_step(step.to_dict(), 5)
+    seen = f"{candidate.samples}+{candidate.subset_samples}b"
+    assert f"{candidate.unit} >={candidate.lower_bound:.4g} [{seen}/5]" in shown
     assert describe_scoring(context, scorer="fast", exhaustive=False)["subset_bound_tokens"] == 24  # 96 // 4
     assert describe_scoring(context, scorer="fast", exhaustive=True)["subset_bound_tokens"] == 0
 

@@ -262,7 +262,8 @@ def pareto_lines(record: dict) -> list[str]:
 
 def format_step(step: dict, num_samples: int | None, *, per_cost: bool = False) -> str:
     """One step of a record: what was removed, then every candidate by score, an aborted one as ``>=bound``
-    with the samples it was scored on (``[seen/all]``). With a cost target the search compares distance per
+    with the samples it was scored on (``[seen/all]``; ``[exact+Nb/all]`` with N samples only bounded from a
+    vocabulary subset). With a cost target the search compares distance per
     unit of cost saved, so an aborted candidate's bound is above the winner's per cost, not per se."""
     distance = step["distance"]
     lines = [f"  step {step['step'] + 1:3d}: {step['removed']['block']:3d} {step['removed']['kind']:9s} "
@@ -278,7 +279,8 @@ def format_step(step: dict, num_samples: int | None, *, per_cost: bool = False) 
         if c.get("distance") is not None:
             return c["distance"], f"{unit} {c['distance']:.4g}"
         if c.get("lower_bound") is not None:
-            return c["lower_bound"], f"{unit} >={c['lower_bound']:.4g} [{c.get('samples')}/{num_samples or '?'}]"
+            seen = f"{c.get('samples')}" + (f"+{c['subset_samples']}b" if c.get("subset_samples") else "")
+            return c["lower_bound"], f"{unit} >={c['lower_bound']:.4g} [{seen}/{num_samples or '?'}]"
         return math.inf, f"{unit} -"
 
     entries = [text for _, text in sorted((entry(c) for c in candidates), key=lambda item: item[0])]
