@@ -170,11 +170,13 @@ def search(model, *, exhaustive, subset_tokens=None, target=4, samples=5):
         context.close()
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "biased_llama"])
-def test_subset_bounds_select_what_exhaustive_selects_with_the_same_distances(name):
+@pytest.mark.parametrize("name, dtype", [("llama", torch.float64), ("gemma2", torch.float64),
+                                         ("biased_llama", torch.float64), ("llama", torch.float32)])
+def test_subset_bounds_select_what_exhaustive_selects_with_the_same_distances(name, dtype):
     # gemma2: final-logit soft-capping; biased_llama: a head with a bias. Both keep the bound (each logit depends
-    # on its own head row), while neither has the vocabulary-free form of angular / Euclidean.
-    model = tiny_model(name.removeprefix("biased_"), dtype=torch.float64, seed=3)
+    # on its own head row), while neither has the vocabulary-free form of angular / Euclidean. float32: the
+    # exact JS comes from float32 probabilities, the bound from float64 ones (the margins cover the difference).
+    model = tiny_model(name.removeprefix("biased_"), dtype=dtype, seed=3)
     if name.startswith("biased"):
         model = biased_head(model)
     fast, scorer, _ = search(model, exhaustive=False, subset_tokens=24)
@@ -223,3 +225,36 @@ def test_the_subset_bound_applies_to_js_only():
             assert describe_scoring(context, scorer="fast", exhaustive=False)["subset_bound_tokens"] == 0
         finally:
             context.close()
+
+
+def test_batches_replayed_again_beyond_the_kept_output_budget_give_the_same_search(monkeypatch):
+    # With no memory for kept block outputs, every exactly scored batch replays its blocks a second time.
+    import finercut.scoring.replay as replay
+
+    model = tiny_model("llama", dtype=torch.float64, seed=3)
+    kept, _, _ = search(model, exhaustive=False, subset_tokens=24)
+    monkeypatch.setattr(replay, "BOUNDED_OUTPUT_BYTES", 0)
+    replayed, _, _ = search(model, exhaustive=False, subset_tokens=24)
+    assert [s.to_dict()["candidates"] for s in replayed] == [s.to_dict()["candidates"] for s in kept]
+
+
+def test_infinite_negative_logits_give_a_finite_bound():
+    # A logit of -inf is a probability of 0, as in the exact JS (which clamps it the same way).
+    ref = torch.tensor([[1.0, 0.5, 0.0, -1.0]], dtype=torch.float64)
+    pruned = torch.tensor([[2.0, -math.inf, 0.0, -1.0]], dtype=torch.float64)
+    p = torch.softmax(ref, -1)
+    subset = torch.tensor([0, 1, 2])
+    bound = js_subset_lower_bound(p[:, subset], 1 - p[:, subset].sum(-1), pruned[:, subset])
+    nearly_zero = pruned.nan_to_num(neginf=-1e4)  # the plain JS has no clamp: a logit far below instead
+    assert torch.isfinite(bound).all() and 0 < bound.item() <= js_divergence(ref, nearly_zero).item()
+
+
+def test_the_record_says_how_many_subset_tokens_were_asked_for():
+    model = tiny_model("llama", dtype=torch.float64)
+    context = ScoringContext.build(model, adapter_for(model), metric_named("js"), tiny_input_ids(), batch_size=1)
+    try:
+        assert describe_scoring(context, scorer="fast", exhaustive=False, subset_tokens=12)["subset_bound_tokens"] == 12
+        assert describe_scoring(context, scorer="fast", exhaustive=False, subset_tokens=0)["subset_bound_tokens"] == 0
+        assert FastScorer(context, subset_tokens=12).subset.tokens == 12
+    finally:
+        context.close()

@@ -167,7 +167,8 @@ def js_subset_lower_bound(
     p = p_subset.double()
     tail = tail_mass.double().clamp(0.0, 1.0)
     shifted = logits_subset.double()
-    shifted = shifted - shifted.amax(dim=-1, keepdim=True)
+    # -inf (probability 0) becomes the lowest finite value, so that 0 * shifted is 0 rather than NaN
+    shifted = (shifted - shifted.amax(dim=-1, keepdim=True)).clamp_(min=torch.finfo(torch.float64).min)
     exp = shifted.exp()
     total = exp.sum(-1)
     q_hat = exp / total.unsqueeze(-1)

@@ -41,14 +41,14 @@ SCORERS: dict[str, Callable[..., Any]] = {"fast": FastScorer, "naive": NaiveScor
 
 def describe_scoring(
     context: ScoringContext, *, scorer: str, exhaustive: bool, replay_state_bytes: int | None = None,
-    objective: str | None = None,
+    objective: str | None = None, subset_tokens: int | None = None,
 ) -> dict:
     """What the record says about how candidates were scored (``objective``: what replaced the output
     distance, e.g. ``ppl`` for BlockPruner)."""
     fast = scorer == "fast"
     path = GRAM if fast and objective is None and gram_applies(context) else FULL_HEAD
     bounds_subset = fast and not exhaustive and objective is None and path == FULL_HEAD
-    subset_tokens = subset_size(context, None) if bounds_subset else 0
+    subset_tokens = subset_size(context, subset_tokens) if bounds_subset else 0
     if fast and replay_state_bytes is None:
         replay_state_bytes = DEFAULT_REPLAY_STATE_BYTES
     return {

@@ -9,8 +9,9 @@ JS on the batch, about 90% of it on SmolLM2-135M, where the full head and JS pas
 :func:`finercut.scoring.bounds.best_first` uses it as a first pass over each candidate's batches: a candidate
 that would lose on the bounds alone never pays the full head, and one that stays close to the winner is scored
 exactly batch by batch (its kept block output is reused), each exact sum replacing a bound. Selection is
-unchanged: a bound never exceeds the exact sum it stands for (each is scaled by :data:`SAFETY` for the
-rounding of both sides, and checked against the exact sum whenever one is computed).
+unchanged: a bound never exceeds the exact sum it stands for (each is lowered by a relative and an absolute
+margin for the rounding of both sides, :data:`SAFETY` and :data:`ROUNDING_PER_POSITION`, and checked against
+the exact sum whenever one is computed).
 
 It applies to the ``js`` metric with a head that is a plain linear layer (with a bias or a final soft-capping:
 each logit still depends on its own row only).
@@ -28,14 +29,22 @@ from finercut.scoring.context import ScoringContext
 DEFAULT_SUBSET_TOKENS = 4096
 """Tokens per batch in the subset: about 90% of the JS for a twelfth of SmolLM2's head."""
 SAFETY = 1.0 - 2.0**-10
-"""Each batch's bound is scaled by this, so that the rounding of the bound and of the exact sum (float32 logits)
-cannot put a bound above the exact sum it stands for; the bound is several per cent below it anyway."""
+"""Each batch's bound is scaled by this and lowered by :data:`ROUNDING_PER_POSITION` per position, so that the
+rounding of the bound and of the exact sum cannot put a bound above the exact sum it stands for; the bound is
+several per cent below it anyway."""
+ROUNDING_PER_POSITION = {torch.float64: 1e-12}
+"""Absolute margin per position (nats) by model dtype, default :data:`ROUNDING_PER_POSITION_FLOAT32`: the exact
+JS of a float32 (or lower precision) model is computed from float32 probabilities, a few 1e-9 nats per position
+off, which matters for a candidate whose whole JS is of that order."""
+ROUNDING_PER_POSITION_FLOAT32 = 1e-7
 
 
 def subset_size(context: ScoringContext, requested: int | None) -> int:
     """Tokens in the subset for this context: 0 where the bound does not apply (another metric, a head that is
     not a plain linear layer) or where the subset would not be much smaller than the vocabulary."""
     if context.metric.name != "js" or context.adapter.linear_head(context.model) is None:
+        return 0
+    if context.batches[0].reference_output.device.type == "mps":  # no float64 on MPS
         return 0
     vocab = context.model.get_submodule(context.adapter.head).out_features
     tokens = DEFAULT_SUBSET_TOKENS if requested is None else requested
@@ -55,6 +64,7 @@ class SubsetBound:
         self.final_norm = model.get_submodule(adapter.final_norm)
         head = model.get_submodule(adapter.head)
         self.vocab = head.out_features
+        self.rounding = ROUNDING_PER_POSITION.get(model.dtype, ROUNDING_PER_POSITION_FLOAT32)
         self.p_subset: list[torch.Tensor] = []  # per batch [positions, K], float64
         self.tail_mass: list[torch.Tensor] = []  # per batch [positions], float64
         self.p_log_p: list[torch.Tensor] = []  # per batch [positions]: sum over S of p log p
@@ -90,7 +100,8 @@ class SubsetBound:
         weight, bias = self.rows[batch_index]
         with work.timed("head"):
             normed = self.final_norm(hidden)
-            logits = functional.linear(normed.reshape(-1, normed.shape[-1]), weight, bias)
+            # to the head's device, as its own forward (and accelerate's hook) would
+            logits = functional.linear(normed.reshape(-1, normed.shape[-1]).to(weight.device), weight, bias)
             if self.cap is not None:
                 logits = torch.tanh(logits / self.cap) * self.cap
         with work.timed("distance"):
@@ -98,4 +109,4 @@ class SubsetBound:
                                            p_log_p=self.p_log_p[batch_index])
             total = float(bounds.sum())
         work.subset_head_rows += logits.shape[0] * self.tokens / self.vocab
-        return total * SAFETY
+        return max(0.0, total * SAFETY - self.rounding * logits.shape[0])
