@@ -9,6 +9,7 @@ from finercut import prune
 from finercut.adapters import adapter_for
 from finercut.candidates import BLOCK, Unit, all_units
 from finercut.distances import metric_named
+from finercut.errors import ConfigError
 from finercut.importance import ModelCost, exact_shapley, permutation_shapley, plain_walk, random_orders
 from finercut.pruned_modeling import ATTENTION, FFN
 from finercut.scoring import capture_calibration
@@ -148,6 +149,19 @@ def test_compare_and_the_cli_know_the_shapley_method(tmp_path):
     assert config.run_config("shapley", 0.25).method == "shapley"
     assert config.run_config("shapley_block", 0.25).granularity == "block"
     assert COMPARE_METHODS["shapley"]["label"] == "Shapley (sub-layers)"
+    # the Shapley settings reach the Shapley runs only: other methods' saved runs keep matching theirs
+    sampled = CompareConfig(methods=("finercut", "shapley"), ratios=(0.25,), shapley_permutations=4,
+                            shapley_truncation=0.05)
+    shapley_run, finercut_run = sampled.run_config("shapley", 0.25), sampled.run_config("finercut", 0.25)
+    assert (shapley_run.shapley_permutations, shapley_run.shapley_truncation) == (4, 0.05)
+    assert finercut_run == config.run_config("finercut", 0.25)
+    compare_args = build_parser().parse_args(["compare", "--output", str(tmp_path / "cmp"), "--methods", "shapley",
+                                              "--permutations", "6", "--truncation", "0.02"])
+    assert (compare_args.permutations, compare_args.truncation) == (6, 0.02)
+    with pytest.raises(ConfigError, match="shapley_truncation must be in"):
+        CompareConfig(methods=("shapley",), ratios=(0.25,), shapley_truncation=1.0)
+    with pytest.raises(ConfigError, match="shapley_permutations must be at least 1"):
+        CompareConfig(methods=("shapley",), ratios=(0.25,), shapley_permutations=0)
     args = build_parser().parse_args(["prune", "--output", str(tmp_path / "run"), "--method", "shapley",
                                       "--permutations", "7", "--truncation", "0.01"])
     run = run_config_from_args(args)

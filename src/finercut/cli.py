@@ -397,6 +397,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         eval_batch_size=args.batch_size, threads=args.threads, eval_threads=args.eval_threads,
         recoveries=tuple(spec for spec in args.recover.split(",") if spec), equal_budget=args.equal_budget,
         recovery_samples=args.recover_samples, recovery_seq_len=args.recover_seq_len,
+        shapley_permutations=args.permutations, shapley_truncation=args.truncation,
     )
     command = "finercut compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "finercut compare"
     shard = None
@@ -502,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "consecutive removed sub-layers)")
     compare.add_argument("--recover-samples", type=int, default=32, help="calibration windows of the fits")
     compare.add_argument("--recover-seq-len", type=int, default=512, help="tokens per fitting window")
+    compare.add_argument("--permutations", type=int, default=10,
+                         help="shapley methods: random orders of removal sampled (default 10)")
+    compare.add_argument("--truncation", type=float,
+                         help="shapley methods: stop a walk once its distance is within this fraction of removing "
+                              "everything")
     compare.add_argument("--equal-budget", action="store_true",
                          help="also evaluate FinerCut at the block methods' sub-layer count (2 round(r L)) where "
                               "its own round(2 r L) differs")

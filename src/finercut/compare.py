@@ -104,6 +104,10 @@ class CompareConfig:
     ``recovery_seq_len`` tokens of the calibration text (the WikiText-2 validation split by default)."""
     recovery_samples: int = DEFAULT_RECOVERY_SAMPLES
     recovery_seq_len: int = DEFAULT_RECOVERY_SEQ_LEN
+    shapley_permutations: int = 10
+    """Random orders of removal the Shapley methods sample (their runs only; see ``finercut.importance``)."""
+    shapley_truncation: float | None = None
+    """Truncation of the Shapley methods' walks, a fraction of the cost of removing every unit (None: none)."""
     equal_budget: bool = False
     """Also evaluate FinerCut at the sub-layer count the block methods remove (2 round(r L), e.g. 16 of 60 at
     25% of 30 blocks, where FinerCut's own round(2 r L) is 15), so the comparison holds at equal budgets."""
@@ -121,6 +125,11 @@ class CompareConfig:
                               "BlockPruner's perplexity score add blockpruner to the methods")
         for spec in self.recoveries:
             parse_recovery_spec(spec)
+        if self.shapley_permutations < 1:
+            raise ConfigError(f"shapley_permutations must be at least 1, got {self.shapley_permutations}")
+        if self.shapley_truncation is not None and not 0.0 <= self.shapley_truncation < 1.0:
+            raise ConfigError(f"shapley_truncation must be in [0, 1) (a fraction of the cost of removing every "
+                              f"unit), got {self.shapley_truncation}")
         if (self.recoveries or self.equal_budget) and "finercut" not in [split_method(m, ())[0] for m in self.methods]:
             raise ConfigError("recoveries and the equal-budget rows apply to FinerCut: add finercut to the methods")
         if not self.methods or not all(any(r > 0 for r in self.method_ratios(spec)) for spec in self.methods):
@@ -143,12 +152,15 @@ class CompareConfig:
 
     def run_config(self, method: str, ratio: float) -> RunConfig:
         settings = COMPARE_METHODS[method]
+        # only the Shapley runs take them, so that other methods' saved runs still match their settings
+        shapley = ({"shapley_permutations": self.shapley_permutations, "shapley_truncation": self.shapley_truncation}
+                   if settings["method"] == "shapley" else {})
         return RunConfig(
             model=self.model, dtype=self.dtype, device=self.device, method=settings["method"],
             granularity=settings["granularity"], only=settings.get("only"), metric=self.metric, ratio=ratio,
             data_dir=self.data_dir, calibration=self.calibration,
             num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed, threads=self.threads,
-            save_model=False,
+            save_model=False, **shapley,
         )
 
 
