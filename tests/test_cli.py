@@ -19,6 +19,10 @@ def test_show_summarizes_the_run(capsys, pruned_run):
     assert main(["show", str(pruned_run), "--steps"]) == 0
     out = capsys.readouterr().out
     assert "removed 2 units = 2 sub-layers" in out and "order: " in out and "step   2:" in out
+    kv = json.loads((pruned_run / "record.json").read_text())["kv_cache"]
+    kept = kv["attention_layers_after"]
+    assert f"{kv['bytes_per_token_after']:,} bytes" in out and f"{kept} of {kv['attention_layers_before']}" in out
+    assert "Shapley values" not in out
 
 
 def test_eval_a_pruned_folder_and_a_run_applied_to_its_model(capsys, tmp_path, pruned_run, data_dir):

@@ -10,7 +10,8 @@ from finercut.adapters import adapter_for
 from finercut.candidates import BLOCK, Unit, all_units
 from finercut.distances import metric_named
 from finercut.errors import ConfigError
-from finercut.importance import ModelCost, exact_shapley, permutation_shapley, plain_walk, random_orders
+from finercut.importance import (ModelCost, ShapleyEstimate, exact_shapley, permutation_shapley, plain_walk,
+                                 random_orders)
 from finercut.pruned_modeling import ATTENTION, FFN
 from finercut.scoring import capture_calibration
 from tiny_models import tiny_input_ids, tiny_model
@@ -91,7 +92,38 @@ def test_lowest_units_and_whether_their_intervals_separate_them():
     assert estimate.lowest(2) == sorted(UNITS, key=lambda u: estimate.values[u])[:2]
     low, high = estimate.interval(UNITS[3])
     assert low < estimate.values[UNITS[3]] < high
-    assert isinstance(estimate.separated(2), bool)
+
+
+def hand_estimate(errors):
+    """Values 1, 2, 5, 6 for UNITS with the given standard errors (z = 1.96 below)."""
+    values = dict(zip(UNITS, (1.0, 2.0, 5.0, 6.0)))
+    return ShapleyEstimate(values, dict(zip(UNITS, errors)), permutations=4, evaluations=16, seed=3,
+                           truncation=0.05, empty_cost=0.0, full_cost=9.0)
+
+
+def test_the_intervals_separate_the_lowest_units_only_when_their_bounds_do():
+    # removed {1, 2}: highest upper bound 2 + 1.96 * 0.5 = 2.98; rest {5, 6}: lowest lower bound 5 - 1.96 = 3.04
+    tight = hand_estimate((0.5, 0.5, 1.0, 1.0))
+    assert tight.separation(2) == pytest.approx((2.98, 3.04))
+    assert tight.separated(2)
+    # an error of 1.6 on the second: 2 + 3.136 = 5.136 above 3.04
+    loose = hand_estimate((0.5, 1.6, 1.0, 1.0))
+    assert loose.separation(2) == pytest.approx((5.136, 3.04)) and not loose.separated(2)
+    assert hand_estimate((0.5, None, 1.0, 1.0)).separation(2) is None
+    assert not hand_estimate((0.5, None, 1.0, 1.0)).separated(2) and loose.separated(4)
+
+
+def test_an_estimate_round_trips_through_its_record_form_and_show_says_whether_it_ranks():
+    from finercut.cli import shapley_line
+
+    for estimate in (hand_estimate((0.5, 0.5, 1.0, 1.0)), hand_estimate((0.5, 1.6, 1.0, 1.0))):
+        assert ShapleyEstimate.from_dict(estimate.to_dict()) == estimate
+    assert shapley_line(hand_estimate((0.5, 0.5, 1.0, 1.0)).to_dict(), 2) == (
+        "Shapley values: 4 permutations (seed 3, truncation 0.05), 16 coalition evaluations; the 95% intervals "
+        "rank the 2 removed units apart from the rest (highest upper bound among them 2.98, lowest lower bound "
+        "among the rest 3.04)")
+    assert "do not rank the 2 removed units" in shapley_line(hand_estimate((0.5, 1.6, 1.0, 1.0)).to_dict(), 2)
+    assert "no standard errors" in shapley_line(hand_estimate((0.5, None, 1.0, 1.0)).to_dict(), 2)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +200,8 @@ def test_compare_and_the_cli_know_the_shapley_method(tmp_path):
     assert (run.method, run.shapley_permutations, run.shapley_truncation) == ("shapley", 7, 0.01)
 
 
-def test_a_shapley_run_in_a_folder_records_the_values_and_saves_the_model(tmp_path, tiny_model_dir, word_text):
+def test_a_shapley_run_in_a_folder_records_the_values_and_saves_the_model(tmp_path, tiny_model_dir, word_text,
+                                                                         capsys):
     import json
 
     from finercut.cli import main
@@ -181,3 +214,9 @@ def test_a_shapley_run_in_a_folder_records_the_values_and_saves_the_model(tmp_pa
     assert record["method"] == "shapley" and len(record["importance"]["units"]) == 8
     assert record["kv_cache"]["bytes_per_token_before"] > 0
     assert (output / "model" / "config.json").is_file() and (output / "layer_map.png").is_file()
+    capsys.readouterr()
+    assert main(["show", str(output)]) == 0
+    shown = capsys.readouterr().out
+    kv = record["kv_cache"]
+    assert f"KV cache per token: {kv['bytes_per_token_before']:,} -> {kv['bytes_per_token_after']:,} bytes" in shown
+    assert "Shapley values: 2 permutations (seed 0), " in shown and "the 2 removed units" in shown

@@ -211,6 +211,13 @@ def summarize_record(record: dict, output_dir: Path | None = None) -> str:
         lines.append(f"cost target: {target['measure']} <= {target['fraction']:.1%} of the dense model"
                      + (f" (MACs over {target['context']} tokens)" if target.get("context") else "")
                      + f"; reached {target['reached']:.2%} after {len(record['steps'])} steps")
+    kv = record.get("kv_cache")
+    if kv and kv.get("bytes_per_token_before"):
+        lines.append(f"KV cache per token: {kv['bytes_per_token_before']:,} -> {kv['bytes_per_token_after']:,} bytes "
+                     f"({kv['bytes_per_token_after'] / kv['bytes_per_token_before']:.1%}, {kv['dtype']}; "
+                     f"{kv['attention_layers_after']} of {kv['attention_layers_before']} attention layers kept)")
+    if record.get("importance"):
+        lines.append(shapley_line(record["importance"], len(record["steps"])))
     timings = record.get("timings", {})
     if "search_seconds" in timings:
         lines.append(f"search time: {timings['search_seconds']:.1f} s (+ {timings['reference_seconds']:.1f} s "
@@ -219,6 +226,24 @@ def summarize_record(record: dict, output_dir: Path | None = None) -> str:
         lines.append(f"outputs in {output_dir}: record.json, layer_map.png"
                      + (", model/" if (output_dir / "model").exists() else ""))
     return "\n".join(lines)
+
+
+def shapley_line(importance: dict, removed: int) -> str:
+    """How a Shapley run's values were estimated and whether their 95% intervals rank the removed units apart
+    from the kept ones."""
+    from finercut.importance import ShapleyEstimate
+
+    estimate = ShapleyEstimate.from_dict(importance)
+    line = (f"Shapley values: {estimate.permutations} permutations (seed {estimate.seed}"
+            + (f", truncation {estimate.truncation:g}" if estimate.truncation is not None else "")
+            + f"), {estimate.evaluations} coalition evaluations; ")
+    bounds = estimate.separation(removed)
+    if bounds is None:
+        return line + "no standard errors (a single permutation) to rank the removed units by"
+    apart = bounds[0] < bounds[1]
+    return line + (f"the 95% intervals {'rank' if apart else 'do not rank'} the {removed} removed units apart from "
+                   f"the rest (highest upper bound among them {bounds[0]:.4g}, lowest lower bound among the rest "
+                   f"{bounds[1]:.4g})")
 
 
 def cmd_show(args: argparse.Namespace) -> int:

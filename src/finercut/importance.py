@@ -101,11 +101,28 @@ class ShapleyEstimate:
     def separated(self, count: int, z: float = 1.96) -> bool:
         """Whether the intervals rank the ``count`` lowest units apart from all the others: the highest upper
         bound among them lies below the lowest lower bound among the rest."""
+        if len(self.values) <= count:
+            return True
+        bounds = self.separation(count, z)
+        return bounds is not None and bounds[0] < bounds[1]
+
+    def separation(self, count: int, z: float = 1.96) -> tuple[float, float] | None:
+        """The highest upper interval bound among the ``count`` lowest units and the lowest lower bound among
+        the rest (they rank the chosen units apart when the first is below the second); None without errors or
+        without a rest."""
         chosen = self.lowest(count)
         rest = [u for u in self.values if u not in chosen]
         if not rest or any(self.standard_errors[u] is None for u in self.values):
-            return not rest
-        return max(self.interval(u, z)[1] for u in chosen) < min(self.interval(u, z)[0] for u in rest)
+            return None
+        return max(self.interval(u, z)[1] for u in chosen), min(self.interval(u, z)[0] for u in rest)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShapleyEstimate:
+        """The estimate :meth:`to_dict` wrote (a record's ``importance``)."""
+        units = [Unit.from_dict(entry) for entry in data["units"]]
+        return cls({u: e["value"] for u, e in zip(units, data["units"])},
+                   {u: e["standard_error"] for u, e in zip(units, data["units"])}, data["permutations"],
+                   data["evaluations"], data["seed"], data["truncation"], data["empty_cost"], data["full_cost"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
