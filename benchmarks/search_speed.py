@@ -36,7 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from finercut.adapters import adapter_for
-from finercut.baselines.blockpruner import perplexity_scorer
+from finercut.methods.blockpruner import perplexity_scorer
 from finercut.calibration import calibration_samples, resolve_source
 from finercut.candidates import count_units, first_window_block, target_count
 from finercut.distances import metric_named

@@ -22,7 +22,7 @@ import finercut
 from finercut.evaluation import windowed_perplexity
 from finercut.evaluation.stats import greedy_samples
 from finercut.modelio import load_model, load_tokenizer, resolve_model_source
-from finercut.record import RunConfig, read_json
+from finercut.record import read_run_config
 
 PROMPTS = (
     "The capital of France is",
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40, help="perplexity windows of 256 tokens")
     args = parser.parse_args()
     folder = args.run / "model"
-    config = RunConfig.from_dict(read_json(args.run / "run.json")["config"])
+    config = read_run_config(args.run / "run.json")
     torch.set_num_threads(config.threads)
 
     print(f"== reloading {folder}")

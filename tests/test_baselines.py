@@ -7,14 +7,10 @@ import torch
 from tiny_models import LAYERS, tiny_input_ids, tiny_model
 
 from finercut.adapters import adapter_for
-from finercut.baselines import (
-    best_contiguous_run,
-    block_influence,
-    deeper_layers_steps,
-    last_token_angular_distance,
-    random_steps,
-    shortgpt_steps,
-)
+from finercut.methods.deeper_layers import deeper_layers_steps
+from finercut.methods.random_removal import random_steps
+from finercut.methods.residual import best_contiguous_run, block_influence, last_token_angular_distance
+from finercut.methods.shortgpt import shortgpt_steps
 from finercut.candidates import BLOCK, Unit
 from finercut.distances import metric_named
 from finercut.scoring import FastScorer, ScoringContext
@@ -61,7 +57,7 @@ def test_best_contiguous_run_prefers_smallest_then_earliest():
 
 
 def test_streamed_block_influences_equal_the_direct_formula(context):
-    from finercut.baselines import residual_summary
+    from finercut.methods.residual import residual_summary
     from finercut.scoring import run_block
 
     influences, last_tokens = residual_summary(context)

@@ -11,7 +11,7 @@ import torch
 
 from finercut import prune
 from finercut.adapters import adapter_for
-from finercut.baselines.blockpruner import NaivePerplexityScorer, mean_next_token_nll, perplexity_scorer
+from finercut.methods.blockpruner import NaivePerplexityScorer, mean_next_token_nll, perplexity_scorer
 from finercut.candidates import BLOCK, Unit, all_units
 from finercut.distances import metric_named
 from finercut.pruned_modeling import ATTENTION, FFN
@@ -79,7 +79,7 @@ def test_prune_with_blockpruner_removes_the_lowest_perplexity_candidate_first():
     first = result.steps[0]
     assert first.window_first_block == 0 and len(first.candidates) == 8  # every sub-layer, no window
     best_unit, _ = min((tuple(c) for c in first.candidates), key=lambda c: (c[1], c[0].sort_key))
-    assert first.unit == best_unit and result.record["method"] == "blockpruner"
+    assert first.unit == best_unit and result.record.method == "blockpruner"
     blocks = prune(model, input_ids=tiny_input_ids(), method="blockpruner", granularity="block", count=1,
                    progress=False)
     assert blocks.removed[0].kind == BLOCK

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from finercut.compare import CompareConfig, run_compare
+from finercut.study.compare import CompareConfig, run_compare
 from finercut.errors import ConfigError
 
 
@@ -102,7 +102,7 @@ def test_compare_recoveries_and_equal_budget_rows(tmp_path, config):
 
 def test_compare_attention_only_at_its_own_ratio(tmp_path, config):
     """``finercut_attention@0.5`` prunes half of the 4 attention sub-layers, whatever the shared ratios are."""
-    from finercut.compare import prune_variants, split_method
+    from finercut.study.compare import prune_variants, split_method
     from finercut.pruned_modeling import ATTENTION
 
     config = dataclasses.replace(config, methods=("finercut_attention@0.5", "shortgpt"), ratios=(0.0, 0.25))

@@ -301,10 +301,10 @@ def test_bad_cost_targets_are_refused_early_and_write_nothing(capsys, tmp_path, 
 
 
 def test_a_prefix_of_a_cost_run_cuts_its_trajectory(params_run):
-    from finercut.record import prefix_record
+    from finercut.record import read_record
 
     record = read(params_run / "record.json")
-    prefix = prefix_record(record, 1)
+    prefix = read_record(params_run).prefix(1).to_dict()
     assert prefix["cost_trajectory"] == record["cost_trajectory"][:1]
     assert prefix["cost_target"]["reached"] == record["cost_trajectory"][0]["params"]
 
@@ -315,7 +315,7 @@ def test_the_prune_api_takes_a_cost_target(one_thread):
     model = tiny_model("llama")
     result = finercut.prune(model, input_ids=tiny_input_ids(samples=2), cost_target="kv_cache", cost_fraction=0.5,
                             progress=False)
-    record = result.record
+    record = result.record.to_dict()
     assert all(unit.kind == ATTENTION for unit in result.removed)  # FFNs hold no KV cache: never candidates
     assert record["cost_trajectory"][-1]["kv_cache"] == 0.5 and len(result.removed) == 2
     assert record["target"]["count"] == 2 and record["cost_target"]["measure"] == "kv_cache"

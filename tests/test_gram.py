@@ -68,10 +68,11 @@ def test_the_adapter_gives_the_head_weight_only_for_a_plain_linear_head():
 
 def test_the_record_says_which_path_ran():
     gpt2 = tiny_model("gpt2")
-    record = finercut.prune(gpt2, input_ids=tiny_input_ids(), ratio=0.25, metric="angular", progress=False).record
+    record = finercut.prune(gpt2, input_ids=tiny_input_ids(), ratio=0.25, metric="angular",
+                            progress=False).record.to_dict()
     assert record["scoring"]["distance_path"] == "gram" and record["scoring"]["early_abort"]
     gemma2 = tiny_model("gemma2")
     record = finercut.prune(gemma2, input_ids=tiny_input_ids(), ratio=0.25, metric="angular", exhaustive=True,
-                            progress=False).record
+                            progress=False).record.to_dict()
     assert record["scoring"]["distance_path"] == "full_head" and not record["scoring"]["early_abort"]
     assert all(c["distance"] is not None and c["samples"] == 3 for s in record["steps"] for c in s["candidates"])

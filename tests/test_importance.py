@@ -114,7 +114,7 @@ def test_the_intervals_separate_the_lowest_units_only_when_their_bounds_do():
 
 
 def test_an_estimate_round_trips_through_its_record_form_and_show_says_whether_it_ranks():
-    from finercut.cli import shapley_line
+    from finercut.methods.shapley import shapley_line
 
     for estimate in (hand_estimate((0.5, 0.5, 1.0, 1.0)), hand_estimate((0.5, 1.6, 1.0, 1.0))):
         assert ShapleyEstimate.from_dict(estimate.to_dict()) == estimate
@@ -154,50 +154,59 @@ def test_prune_with_shapley_removes_the_lowest_values_and_records_them():
     model = tiny_model("llama")
     result = prune(model, input_ids=tiny_input_ids(), method="shapley", count=3, shapley_permutations=4,
                    progress=False)
-    importance = result.record["importance"]
+    importance = result.record.extras["importance"]
     values = {Unit.from_dict(u): u["value"] for u in importance["units"]}
     assert len(values) == 8 and importance["permutations"] == 4
     assert result.removed == sorted(values, key=lambda u: (values[u], u.sort_key))[:3]
     assert all(u["standard_error"] is not None for u in importance["units"])
-    assert result.record["method"] == "shapley"
+    assert result.record.method == "shapley"
 
 
 def test_prune_with_shapley_on_blocks_and_only_attention():
     model = tiny_model("llama")
     blocks = prune(model, input_ids=tiny_input_ids(), method="shapley", granularity="block", count=1,
                    shapley_permutations=2, progress=False)
-    assert blocks.removed[0].kind == BLOCK and len(blocks.record["importance"]["units"]) == 4
+    assert blocks.removed[0].kind == BLOCK and len(blocks.record.extras["importance"]["units"]) == 4
     attention = prune(model, input_ids=tiny_input_ids(), method="shapley", only="attention", count=2,
                       shapley_permutations=2, shapley_truncation=0.05, progress=False)
     assert {u.kind for u in attention.removed} == {ATTENTION}
-    assert attention.record["importance"]["truncation"] == 0.05
+    assert attention.record.extras["importance"]["truncation"] == 0.05
 
 
 def test_compare_and_the_cli_know_the_shapley_method(tmp_path):
     from finercut.cli import build_parser, run_config_from_args
-    from finercut.compare import COMPARE_METHODS, CompareConfig
+    from finercut.methods import compare_entries
+    from finercut.study.compare import CompareConfig
 
     config = CompareConfig(methods=("shapley", "shapley_block"), ratios=(0.0, 0.25))
     assert config.run_config("shapley", 0.25).method == "shapley"
     assert config.run_config("shapley_block", 0.25).granularity == "block"
-    assert COMPARE_METHODS["shapley"]["label"] == "Shapley (sub-layers)"
+    assert compare_entries()["shapley"][1].label == "Shapley (sub-layers)"
     # the Shapley settings reach the Shapley runs only: other methods' saved runs keep matching theirs
-    sampled = CompareConfig(methods=("finercut", "shapley"), ratios=(0.25,), shapley_permutations=4,
-                            shapley_truncation=0.05)
+    sampled = CompareConfig(methods=("finercut", "shapley"), ratios=(0.25,),
+                            method_options={"shapley": {"permutations": 4, "truncation": 0.05}})
     shapley_run, finercut_run = sampled.run_config("shapley", 0.25), sampled.run_config("finercut", 0.25)
-    assert (shapley_run.shapley_permutations, shapley_run.shapley_truncation) == (4, 0.05)
+    assert (shapley_run.options.permutations, shapley_run.options.truncation) == (4, 0.05)
     assert finercut_run == config.run_config("finercut", 0.25)
+    # compare.json of an older finercut held them as fields of their own
+    old = {**CompareConfig(methods=("shapley",), ratios=(0.25,)).to_dict(), "shapley_permutations": 4,
+           "shapley_truncation": 0.05}
+    del old["method_options"]
+    assert CompareConfig.from_dict(old).run_config("shapley", 0.25) == shapley_run
     compare_args = build_parser().parse_args(["compare", "--output", str(tmp_path / "cmp"), "--methods", "shapley",
                                               "--permutations", "6", "--truncation", "0.02"])
-    assert (compare_args.permutations, compare_args.truncation) == (6, 0.02)
-    with pytest.raises(ConfigError, match="shapley_truncation must be in"):
-        CompareConfig(methods=("shapley",), ratios=(0.25,), shapley_truncation=1.0)
-    with pytest.raises(ConfigError, match="shapley_permutations must be at least 1"):
-        CompareConfig(methods=("shapley",), ratios=(0.25,), shapley_permutations=0)
+    assert (compare_args.method_option_permutations, compare_args.method_option_truncation) == (6, 0.02)
+    with pytest.raises(ConfigError, match="--truncation must be below 1"):
+        CompareConfig(methods=("shapley",), ratios=(0.25,), method_options={"shapley": {"truncation": 1.0}})
+    with pytest.raises(ConfigError, match="--permutations must be at least 1"):
+        CompareConfig(methods=("shapley",), ratios=(0.25,), method_options={"shapley": {"permutations": 0}})
     args = build_parser().parse_args(["prune", "--output", str(tmp_path / "run"), "--method", "shapley",
                                       "--permutations", "7", "--truncation", "0.01"])
     run = run_config_from_args(args)
-    assert (run.method, run.shapley_permutations, run.shapley_truncation) == ("shapley", 7, 0.01)
+    assert (run.method, run.options.permutations, run.options.truncation) == ("shapley", 7, 0.01)
+    with pytest.raises(ConfigError, match="--permutations is an option of method shapley, not finercut"):
+        run_config_from_args(build_parser().parse_args(["prune", "--output", str(tmp_path / "run"),
+                                                        "--permutations", "7"]))
 
 
 def test_a_shapley_run_in_a_folder_records_the_values_and_saves_the_model(tmp_path, tiny_model_dir, word_text,

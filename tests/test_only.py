@@ -44,10 +44,10 @@ def test_search_removes_only_that_kind_and_records_the_kv_cache(only):
     model = cached_tiny_model("llama")
     result = prune(model, input_ids=tiny_input_ids(), only=only, count=2, progress=False)
     assert {unit.kind for unit in result.removed} == {only}
-    kv = result.record["kv_cache"]
+    kv = result.record.extras["kv_cache"]
     assert kv["bytes_per_token_before"] == LAYERS * KV_BYTES_PER_LAYER
     assert kv["bytes_per_token_after"] == (LAYERS - (2 if only == "attention" else 0)) * KV_BYTES_PER_LAYER
-    assert result.record["config"]["only"] == only
+    assert result.record.config.only == only
 
 
 def test_random_baseline_respects_only():

@@ -17,7 +17,7 @@ import pytest
 
 from finercut.candidates import Unit
 from finercut.cli import main
-from finercut.report import is_bound, step_points, step_rows, write_report
+from finercut.study.report import is_bound, step_points, step_rows, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -134,7 +134,13 @@ def test_run_page_is_self_contained_with_layer_map_distances_and_steps(run_dir, 
     page = parse(out)
     assert_self_contained(page)
     assert len(page.images) == 2  # layer map, distances per step (no cost trajectory in a count-target run)
-    assert page.headings == ["Summary", "Layer map", "Distances per step", "Cost trajectory", "Steps"]
+    assert page.headings == ["Summary", "Layer map", "Distances per step", "What was gained", "Cost trajectory",
+                             "Steps"]
+    gains = page.tables["gains"]
+    assert gains[0] == ["", "before", "after", "after / before"] and gains[1][0] == "parameters"
+    recorded = json.loads((run_dir / "record.json").read_text())["gains"]
+    assert gains[1][3] == f"{recorded['params']['after'] / recorded['params']['before']:.1%}"
+    assert gains[3][1] == f"{recorded['kv_cache']['before'] / 1024:.1f} KiB"
     steps = page.tables["steps"]
     record = json.loads((run_dir / "record.json").read_text())
     assert steps[0] == ["step", "removed", "distance", "candidates", "lower bounds", "samples scored"]
@@ -169,8 +175,8 @@ def test_run_page_shows_aborted_candidates_as_bounds_and_a_cost_trajectory(run_d
 
 def compare_folder(tmp_path: Path, run_dir: Path) -> Path:
     """A compare folder as `finercut compare` leaves it, with hand-set evaluation results."""
-    from finercut.compare import CompareConfig, Variant, result_key
-    from finercut.record import removal_summary, removed_units
+    from finercut.study.compare import CompareConfig, Variant, result_key
+    from finercut.record import read_record, removal_summary
 
     config = CompareConfig(model="tiny", methods=("finercut",), ratios=(0.0, 0.25, 0.5), tasks=("arc_easy",),
                            limit=2)
@@ -179,7 +185,7 @@ def compare_folder(tmp_path: Path, run_dir: Path) -> Path:
     (folder / "results").mkdir()
     (folder / "compare.json").write_text(json.dumps(dataclasses.asdict(config)))
     shutil.copytree(run_dir, folder / "runs" / "finercut")
-    units = tuple(removed_units(json.loads((run_dir / "record.json").read_text())))
+    units = tuple(read_record(run_dir).removed)
     for ratio, removed, accuracy, ppl in ((0.0, (), 0.5, 20.0), (0.25, units[:2], 0.45, 31.5)):
         variant = Variant("finercut" if removed else "dense", ratio, removed,
                           removal_summary(removed, num_blocks=4, granularity="sublayer"))
@@ -257,7 +263,7 @@ def test_page_renders_in_headless_chromium_with_its_table(run_dir, tmp_path):
 def test_compare_page_table_equals_the_markdown_report_of_a_real_compare_run(tmp_path, tiny_model_dir, word_text,
                                                                              data_dir, one_thread):
     """The page finds the variants and results `finercut compare` wrote, as its own Markdown table shows them."""
-    from finercut.compare import CompareConfig, run_compare
+    from finercut.study.compare import CompareConfig, run_compare
 
     config = CompareConfig(
         model=str(tiny_model_dir), methods=("finercut", "deeper_layers"), ratios=(0.0, 0.25), data_dir=str(data_dir),

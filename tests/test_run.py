@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from finercut.cli import main
 
-TIMING_KEYS = {"created", "seconds", "timings", "search_seconds", "reference_seconds", "block_executions"}
-"""Durations, and the work done: the first step after a resume lacks the replay states of the step before it
-(tests/test_search.py pins what it costs instead)."""
+TIMING_KEYS = {"created", "seconds", "timings", "search_seconds", "reference_seconds", "block_executions", "latency"}
+"""Durations (the measured forward latency of ``gains`` among them), and the work done: the first step after a
+resume lacks the replay states of the step before it (tests/test_search.py pins what it costs instead)."""
 
 
 def prune_args(model_dir: Path, text: Path, output: Path, *extra: str) -> list[str]:

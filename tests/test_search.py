@@ -252,7 +252,7 @@ def test_nan_logits_stop_the_search_naming_step_and_candidate(monkeypatch):
 def test_prune_api_returns_a_complete_record():
     model = tiny_model("gpt2")
     result = finercut.prune(model, input_ids=tiny_input_ids(), ratio=0.25, progress=False)
-    record = result.record
+    record = result.record.to_dict()
     assert record["reached"]["count"] == 2 and record["reached"]["ratio"] == 0.25
     assert [Unit.from_dict(entry) for entry in record["removed"]] == result.removed
     assert record["calibration"]["source"] == "tensor" and record["calibration"]["num_samples"] == 3

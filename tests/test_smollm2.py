@@ -12,7 +12,7 @@ from finercut.adapters import adapter_for
 from finercut.evaluation import windowed_perplexity
 from finercut.masking import masked
 from finercut.modelio import load_model, load_tokenizer, resolve_model_source
-from finercut.record import RunConfig, removed_units
+from finercut.record import Record, RunConfig
 from finercut.run import run_in_folder
 
 pytestmark = [
@@ -25,7 +25,7 @@ pytestmark = [
 
 def test_three_steps_on_smollm2_give_a_complete_record_and_a_working_model(tmp_path, data_dir):
     config = RunConfig(count=3, data_dir=str(data_dir), num_samples=4, seq_len=64, threads=2, save_model=False)
-    record = run_in_folder(config, tmp_path / "run", progress=False, log=lambda message: None).record
+    record = run_in_folder(config, tmp_path / "run", progress=False, log=lambda message: None).record.to_dict()
 
     assert record["model"]["architecture"] == "llama" and record["model"]["num_blocks"] == 30
     assert record["model"]["gguf_sha256"] and record["environment"]["threads"] == 2
@@ -47,6 +47,6 @@ def test_three_steps_on_smollm2_give_a_complete_record_and_a_working_model(tmp_p
     model, _ = load_model(source, dtype="float32", device="cpu")
     tokenizer = load_tokenizer(source)
     dense = windowed_perplexity(model, tokenizer, data_dir=data_dir, window_length=256, max_windows=4)
-    with torch.inference_mode(), masked(model, adapter_for(model), removed_units(record)):
+    with torch.inference_mode(), masked(model, adapter_for(model), Record.from_dict(record).removed):
         pruned = windowed_perplexity(model, tokenizer, data_dir=data_dir, window_length=256, max_windows=4)
     assert dense.ppl < pruned.ppl <= 2 * dense.ppl

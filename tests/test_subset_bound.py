@@ -11,7 +11,7 @@ from finercut.adapters import adapter_for
 from finercut.candidates import Unit, select_least
 from finercut.cli import format_step
 from finercut.distances import js_divergence, js_subset_lower_bound, metric_named
-from finercut.report import step_rows
+from finercut.study.report import step_rows
 from finercut.scoring import FastScorer, ScoringContext, best_first, describe_scoring
 from finercut.search import CandidateScore, greedy_search
 

@@ -10,7 +10,7 @@ one at a time, the one whose removal moves the model's next-token distribution l
                                                                              # transformers, trust_remote_code=True
 """
 
-__version__ = "0.1.0"
+from finercut.version import __version__  # noqa: E402, F401
 
 from finercut.adapters import ADAPTERS, adapter_for, supported_model_types  # noqa: E402
 from finercut.candidates import Unit  # noqa: E402
@@ -25,7 +25,9 @@ from finercut.checkpoint import (  # noqa: E402
 )
 from finercut.distances import METRICS  # noqa: E402
 from finercut.masking import masked  # noqa: E402
-from finercut.record import RunConfig  # noqa: E402
+from finercut.materialize import RecoveryOptions, pruned_from_record, write_pruned_folder  # noqa: E402
+from finercut.methods import Method, register, registered  # noqa: E402
+from finercut.record import Record, RunConfig, read_record  # noqa: E402
 from finercut.recovery import RecoveryResult, recover  # noqa: E402
 from finercut.run import PruneResult, prune, run_in_folder  # noqa: E402
 
@@ -39,14 +41,22 @@ __all__ = [
     "parameter_stats",
     "save_pruned",
     "METRICS",
+    "Method",
     "PruneResult",
+    "Record",
+    "RecoveryOptions",
     "RecoveryResult",
     "RunConfig",
     "Unit",
     "adapter_for",
     "masked",
     "prune",
+    "pruned_from_record",
+    "read_record",
     "recover",
+    "register",
+    "registered",
     "run_in_folder",
     "supported_model_types",
+    "write_pruned_folder",
 ]

@@ -341,3 +341,77 @@ def minimal_steps(cost: CostModel, units: Sequence[Unit], fraction: float) -> in
             return count
         remaining -= saving
     return len(savings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a run gained: the paper's Table 3 for every run, before and after
+
+
+GAINS_CONTEXT = 2048
+"""The context length a run's MACs are counted for (the model's own if shorter)."""
+
+
+@torch.inference_mode()
+def run_gains(model: nn.Module, removed: Sequence[Unit], input_ids: torch.Tensor, *, context_length: int,
+              repeats: int = LATENCY_REPEATS) -> dict:
+    """Parameters, MACs of one ``context_length``-token forward pass, KV-cache bytes per token and the measured
+    forward latency of the dense model before and after removing ``removed``.
+
+    The counts after are the dense totals less the removed sub-layers' savings, which equal what the statistics
+    module counts on the physically pruned model; the latency is the median of ``repeats`` forwards over
+    ``input_ids`` (``[1, seq]``, one calibration sample), dense and masked (the stand-ins a pruned model runs)
+    measured alternately on the model's device with the current thread count, so machine noise hits both alike.
+    """
+    import statistics
+    import time
+
+    from finercut.adapters import adapter_for
+    from finercut.masking import masked
+    from finercut.placement import input_device
+
+    figures = {"params": cost_model(model, "params"),
+               "macs": cost_model(model, "macs", context_length=context_length),
+               "kv_cache": cost_model(model, "kv_cache")}
+    gains: dict = {"context_length": context_length}
+    for measure, costs in figures.items():
+        gains[measure] = {"before": costs.dense_total, "after": costs.remaining(removed)}
+    ids = input_ids[:1].to(input_device(model))
+    synchronize = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    adapter = adapter_for(model)
+
+    def forward() -> float:
+        synchronize()
+        started = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        synchronize()
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    for run in range(repeats + 1):  # the first round warms both up
+        dense = forward()
+        with masked(model, adapter, list(removed)):
+            pruned = forward()
+        if run:
+            times["before"].append(dense)
+            times["after"].append(pruned)
+    gains["latency"] = {"before": statistics.median(times["before"]), "after": statistics.median(times["after"]),
+                        "input_shape": list(ids.shape), "repeats": repeats, "device": str(ids.device),
+                        "threads": torch.get_num_threads()}
+    return gains
+
+
+def gains_lines(gains: Mapping) -> list[str]:
+    """``finercut show``'s account of :func:`run_gains`: each figure before -> after (share of before)."""
+    def share(entry: Mapping) -> str:
+        return f"{entry['after'] / entry['before']:.1%}" if entry["before"] else "n/a"
+
+    params, macs, kv, latency = gains["params"], gains["macs"], gains["kv_cache"], gains["latency"]
+    shape = "x".join(str(n) for n in latency["input_shape"])
+    return [
+        f"gained: parameters {params['before'] / 1e6:.1f} M -> {params['after'] / 1e6:.1f} M ({share(params)}); "
+        f"MACs @ {gains['context_length']} tokens {macs['before'] / 1e9:.2f} G -> {macs['after'] / 1e9:.2f} G "
+        f"({share(macs)}); KV cache per token {kv['before']:,} -> {kv['after']:,} bytes ({share(kv)})",
+        f"        forward latency {latency['before'] * 1e3:.1f} ms -> {latency['after'] * 1e3:.1f} ms "
+        f"({latency['after'] / latency['before']:.2f}x; median of {latency['repeats']} side by side, {shape} "
+        f"tokens, {latency['device']}, {latency['threads']} threads)",
+    ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -338,6 +339,7 @@ def save_pruned(
         (staging / MODELING_FILE).write_text(modeling_source(model.config.finercut["base_model_type"]))
         report = SizeReport(before, parameter_stats(model), weight_file_bytes(staging))
         _write_json(staging / REPORT_FILE, pruning_summary(model.config, report, provenance))
+        _write_manifest(staging)
         check_checkpoint(staging)
         _use_default_permissions(staging)
         _move_into_place(staging, path)
@@ -346,13 +348,46 @@ def save_pruned(
     return report
 
 
+MODEL_FOLDER_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|.*\.safetensors|model\.safetensors\.index\.json|tokenizer.*|"
+    r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)|"
+    r"modeling_finercut\.py|pruning\.json)$")
+"""What a pruned folder of an older finercut (written without a manifest) holds."""
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Entries of a model folder that :func:`save_pruned` did not write (by its manifest; for a folder of an older
+    finercut, by the names a pruned folder holds)."""
+    from finercut.folder import Manifest
+
+    manifest = Manifest.read(path)
+    names = sorted(p.name for p in path.iterdir())
+    if manifest.present:
+        return [name for name in names if not manifest.written_by_finercut(name)]
+    return [name for name in names if not MODEL_FOLDER_FILES.match(name)]
+
+
 def check_save_target(path: Path, *, overwrite: bool) -> None:
-    """Refuse, before any work, a model folder that :func:`save_pruned` would not be allowed to write."""
+    """Refuse, before any work, a model folder that :func:`save_pruned` would not be allowed to write: an existing
+    one without ``overwrite``, or one holding anything finercut did not write (never deleted, even then)."""
     path = Path(path).expanduser()
+    for part in path.parts:
+        if len(part.encode()) > 255:
+            raise OutputExistsError(f"{path}: the name {part[:40]}... is longer than 255 bytes")
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir() or not any(path.iterdir()):
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise OutputExistsError(f"{path}: {parent} is a file, not a folder")
+        return
+    if not overwrite:
         raise OutputExistsError(f"{path} exists and is not empty; choose another folder or pass overwrite=True")
+    foreign = foreign_files(path)
+    if foreign:
+        raise OutputExistsError(f"{path} holds files finercut did not write ({', '.join(foreign[:5])}"
+                                f"{'...' if len(foreign) > 5 else ''}); not even --overwrite replaces them: choose "
+                                "another folder or move them")
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:
@@ -387,7 +422,7 @@ def pruning_summary(config: Any, report: SizeReport, provenance: dict[str, Any] 
     """The human-readable ``pruning.json``: what was removed, what is left of each dense block, and the sizes."""
     import transformers
 
-    from finercut import __version__
+    from finercut.version import __version__
 
     layout = getattr(config, LAYOUT_KEY)
     by_block = removed_by_block(layout)
@@ -417,6 +452,17 @@ def pruning_summary(config: Any, report: SizeReport, provenance: dict[str, Any] 
         "versions": {"finercut": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "provenance": provenance or {},
     }
+
+
+def _write_manifest(folder: Path) -> None:
+    """List what this save wrote, so that a later ``overwrite`` replaces the folder only if it still holds nothing
+    else."""
+    from finercut.folder import Manifest
+
+    manifest = Manifest(folder)
+    for entry in sorted(folder.iterdir()):
+        manifest.entries[entry.name] = {"for": None}
+    manifest.finish(REPORT_FILE, None)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -5,21 +5,26 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from finercut.candidates import Unit
 from finercut.errors import MissingFileError, UserError
+from finercut.methods import compare_entries, method_named, registered
+from finercut.methods.base import option_fields, option_type
 from finercut.pruned_modeling import CheckpointMismatchError
-from finercut.record import ConfigError, RunConfig, read_json
+from finercut.record import ConfigError, Record, RunConfig, read_record, read_run_config
 
 USER_ERRORS = (UserError, CheckpointMismatchError)
 """Errors that mean bad input or an unusable file: printed as one line, exit code 2 (no traceback). The
 checkpoint's own error lives in the modeling file saved next to pruned weights, which cannot import finercut."""
-ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
-"""OS errors that are the machine's state, not a bug: no permission, a full or read-only disk."""
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG,
+                      errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+"""OS errors that are the machine's state or the path given, not a bug: no permission, a full or read-only disk,
+a name too long, a file where a folder should be."""
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -50,14 +55,75 @@ def _add_recovery_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recover-seq-len", type=int, default=512, help="tokens per window (default 512)")
 
 
-def _recovery_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of :func:`finercut.recovery.recover_record`, checked before any work."""
-    from finercut.recovery import check_recovery_options
+def _recovery_options(args: argparse.Namespace, *, data_dir: str | None = None) -> Any:
+    """The recovery the command line asks for (:class:`finercut.materialize.RecoveryOptions`, checked here,
+    before any work), or None."""
+    from finercut.materialize import RecoveryOptions
 
-    check_recovery_options(args.recover, rank=args.rank, ridge=args.ridge, group=args.recover_group)
-    return {"method": args.recover, "rank": args.rank, "ridge": args.ridge, "group": args.recover_group,
-            "target": args.recover_target,
-            "num_samples": args.recover_samples, "seq_len": args.recover_seq_len}
+    if not args.recover:
+        for flag, given in (("--rank", args.rank is not None), ("--ridge", args.ridge != 0.0)):
+            if given:
+                raise ConfigError(f"{flag} is an option of --recover; add --recover lowrank (or linear)")
+        return None
+    return RecoveryOptions(method=args.recover, rank=args.rank, ridge=args.ridge, group=args.recover_group,
+                           target=args.recover_target, num_samples=args.recover_samples,
+                           seq_len=args.recover_seq_len, data_dir=data_dir)
+
+
+def _method_option_dest(flag: str) -> str:
+    return "method_option_" + flag.lstrip("-").replace("-", "_")
+
+
+def _add_method_options(group: argparse._ArgumentGroup) -> None:
+    """Every registered method's own options (its options dataclass's fields), one flag each."""
+    seen: set[str] = set()
+    for method in registered().values():
+        for spec in option_fields(method.options):
+            flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
+            if flag in seen:
+                continue
+            seen.add(flag)
+            kind = option_type(method.options, spec.name)
+            help_text = f"{method.name}: {spec.metadata.get('help', '')}"
+            if kind is bool:
+                group.add_argument(flag, dest=_method_option_dest(flag), action="store_true", default=None,
+                                   help=help_text)
+            else:
+                group.add_argument(flag, dest=_method_option_dest(flag), type=_typed(kind, flag), help=help_text)
+
+
+def _typed(kind: type, flag: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def method_options_from_args(args: argparse.Namespace, method_name: str) -> dict:
+    """The given options of ``method_name`` (by its option flags); another method's flag is refused."""
+    method = method_named(method_name)
+    mine = {(spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"): spec.name
+            for spec in option_fields(method.options)}
+    options = {}
+    for other in registered().values():
+        for spec in option_fields(other.options):
+            flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
+            value = getattr(args, _method_option_dest(flag), None)
+            if value is None:
+                continue
+            if flag not in mine:
+                owners = [m.name for m in registered().values()
+                          if any(s.metadata.get("flag") == flag for s in option_fields(m.options))]
+                raise ConfigError(f"{flag} is an option of method {', '.join(owners)}, not {method_name}")
+            options[mine[flag]] = value
+    return options
 
 
 def _add_prune_parser(commands) -> None:
@@ -72,7 +138,8 @@ def _add_prune_parser(commands) -> None:
     _add_model_options(parser)
     search = parser.add_argument_group("search")
     target = search.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=float, help="layer pruning ratio r in (0, 1): removes round(r*2L) sub-layers "
+    target.add_argument("--ratio", type=_typed(float, "--ratio"),
+                        help="layer pruning ratio r in (0, 1): removes round(r*2L) sub-layers "
                                                     "(round(r*L) blocks); default 0.25")
     target.add_argument("--count", type=int, help="number of units to remove instead of a ratio")
     for measure, what in COST_OPTIONS.items():
@@ -81,13 +148,9 @@ def _add_prune_parser(commands) -> None:
                                               f"model has at most F (in (0, 1)) of the dense model's {what}")
     search.add_argument("--context", dest="cost_context", type=int, metavar="T",
                         help="with --target-macs: the context length (tokens of one forward pass) MACs count for")
-    search.add_argument("--method", help="finercut (default), shortgpt, deeper_layers, random, shapley (one shot by "
-                                          "lowest Shapley value of the output distance), blockpruner (greedy by "
-                                          "calibration perplexity)")
-    search.add_argument("--permutations", dest="shapley_permutations", type=int,
-                        help="shapley: random orders of removal sampled (default 10)")
-    search.add_argument("--truncation", dest="shapley_truncation", type=float,
-                        help="shapley: stop a walk once its distance is within this fraction of removing everything")
+    search.add_argument("--method", help="; ".join(f"{name}: {method.description}"
+                                                   for name, method in registered().items()))
+    _add_method_options(parser.add_argument_group("method options (each for the method named)"))
     search.add_argument("--metric", help="js (default), angular, euclidean, js_official; ppl: BlockPruner's "
                                           "calibration perplexity (the same as --method blockpruner)")
     search.add_argument("--granularity", help="sublayer (default: attention and FFN separately) or block")
@@ -133,8 +196,8 @@ TARGET_OPTIONS = ("ratio", "count", "cost_target", "cost_fraction")
 RUN_CONFIG_OPTIONS = (
     "model", "revision", "dtype", "device", "device_map", "threads", "ratio", "count", "method", "metric",
     "granularity", "scorer", "window_until_ratio", "window_fraction", "window_first_block", "calibration", "data_dir",
-    "num_samples", "seq_len", "seed", "batch_size", "save_model", "only", "shapley_permutations", "shapley_truncation",
-    "exhaustive", "cost_context", "replay_memory_gb",
+    "num_samples", "seq_len", "seed", "batch_size", "save_model", "only", "exhaustive", "cost_context",
+    "replay_memory_gb",
 )
 
 
@@ -148,15 +211,29 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.resume:
         if not run_file.is_file():
             raise ConfigError(f"--resume: {args.output} holds no run to resume (no run.json)")
-        base = read_json(run_file)["config"]
+        base = read_run_config(run_file).to_dict()
         if any(name in given for name in TARGET_OPTIONS):
             base.update(ratio=None, count=None, cost_target=None, cost_fraction=None)
             if given.get("cost_target") != "macs":
                 base.pop("cost_context", None)
-        return RunConfig.from_dict({**base, **given})
+        merged = {**base, **given}
+        options = method_options_from_args(args, merged.get("method") or "finercut")
+        if options:
+            merged["options"] = {**(base.get("options") or {}), **options} if merged.get("method") == base.get(
+                "method") else options
+        elif merged.get("method") != base.get("method"):
+            merged["options"] = None
+        return RunConfig.from_dict(merged)
     if not any(name in given for name in TARGET_OPTIONS):
         given["ratio"] = 0.25
-    return RunConfig(**given)
+    method = given.get("method") or "finercut"
+    if given.get("metric") is not None:
+        from finercut.methods import method_for_metric
+
+        aliased = method_for_metric(given["metric"])
+        method = aliased.name if aliased is not None and method == "finercut" else method
+    method_named(method)
+    return RunConfig(**given, options=method_options_from_args(args, method) or None)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -164,16 +241,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from finercut.run import run_in_folder
 
     config = run_config_from_args(args)
-    recovery = _recovery_options(args) if args.recover else None
-    if recovery and config.save_model:
-        config = config.replace(save_model=False)  # the recovered model is saved instead, below
+    recovery = _recovery_options(args)
     try:
         result = run_in_folder(config, args.output, overwrite=args.overwrite, progress=args.progress,
-                               log=lambda message: print(message, file=sys.stderr))
+                               log=lambda message: print(message, file=sys.stderr), recovery=recovery)
     except KeyboardInterrupt:
         if (Path(args.output) / "run.json").is_file():
             print(f"\ninterrupted: finished steps are kept in {Path(args.output) / 'progress.json'}.\n"
-                  f"resume with: finercut prune --resume --output {args.output}", file=sys.stderr)
+                  f"resume with: finercut prune --resume --output {shlex.quote(str(args.output))}", file=sys.stderr)
         else:
             print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
         return 130
@@ -182,68 +257,48 @@ def cmd_prune(args: argparse.Namespace) -> int:
               f"run the same command again (with any number of ranks) to resume", file=sys.stderr)
         return 1
     if not result.writer:
-        return 0  # rank 0 of the job saves the recovered model and prints the summary
-    if recovery:
-        from finercut.recovery import recover_record
-
-        recover_record(result.record, result.output_dir / "model", **recovery, overwrite=True,
-                       provenance={"run": str(result.output_dir)}, log=lambda message: print(message, file=sys.stderr))
+        return 0  # rank 0 of the job prints the summary
     print(summarize_record(result.record, result.output_dir))
     for note in result.notes:
         print(note)
     return 0
 
 
-def summarize_record(record: dict, output_dir: Path | None = None) -> str:
+def summarize_record(record: Record, output_dir: Path | None = None) -> str:
     """A short human-readable account of a record."""
-    reached = record["reached"]
+    reached = record.reached
     lines = [
-        f"model: {record['model']['id']} ({record['model']['architecture']}, {record['model']['num_blocks']} blocks)",
-        f"method: {record['method']}" + (f", metric {record['metric']}" if record.get("metric") else "")
-        + f", granularity {record['granularity']}",
+        f"model: {record.model.get('id')} ({record.model.get('architecture')}, {record.num_blocks} blocks)",
+        f"method: {record.method}" + (f", metric {record.metric}" if record.metric else "")
+        + f", granularity {record.granularity}",
         f"removed {reached['count']} units = {reached['sublayers']} sub-layers "
         f"({reached['attention']} attention, {reached['ffn']} FFN; {reached['whole_blocks']} blocks lost both); "
         f"sub-layer ratio reached {reached['sublayer_ratio']:.2%}",
-        "order: " + ", ".join(str(Unit.from_dict(step["removed"])) for step in record["steps"]),
+        "order: " + ", ".join(str(unit) for unit in record.removed),
     ]
-    target = record.get("cost_target")
+    target = record.cost_target
     if target:
         lines.append(f"cost target: {target['measure']} <= {target['fraction']:.1%} of the dense model"
                      + (f" (MACs over {target['context']} tokens)" if target.get("context") else "")
-                     + f"; reached {target['reached']:.2%} after {len(record['steps'])} steps")
-    kv = record.get("kv_cache")
+                     + f"; reached {target['reached']:.2%} after {len(record.steps)} steps")
+    kv = record.extras.get("kv_cache")
     if kv and kv.get("bytes_per_token_before"):
         lines.append(f"KV cache per token: {kv['bytes_per_token_before']:,} -> {kv['bytes_per_token_after']:,} bytes "
                      f"({kv['bytes_per_token_after'] / kv['bytes_per_token_before']:.1%}, {kv['dtype']}; "
                      f"{kv['attention_layers_after']} of {kv['attention_layers_before']} attention layers kept)")
-    if record.get("importance"):
-        lines.append(shapley_line(record["importance"], len(record["steps"])))
-    timings = record.get("timings", {})
+    if record.extras.get("gains"):
+        from finercut.budgets import gains_lines
+
+        lines += gains_lines(record.extras["gains"])
+    lines += record.method_spec.describe(record)
+    timings = record.timings
     if "search_seconds" in timings:
         lines.append(f"search time: {timings['search_seconds']:.1f} s (+ {timings['reference_seconds']:.1f} s "
                      "original-model pass)")
     if output_dir is not None:
-        lines.append(f"outputs in {output_dir}: record.json, layer_map.png"
-                     + (", model/" if (output_dir / "model").exists() else ""))
+        outputs = [name + ("/" if name == "model" else "") for name in record.outputs] or ["layer_map.png"]
+        lines.append(f"outputs in {output_dir}: " + ", ".join(["record.json", *outputs]))
     return "\n".join(lines)
-
-
-def shapley_line(importance: dict, removed: int) -> str:
-    """How a Shapley run's values were estimated and whether their 95% intervals rank the removed units apart
-    from the kept ones."""
-    from finercut.importance import ShapleyEstimate
-
-    estimate = ShapleyEstimate.from_dict(importance)
-    line = (f"Shapley values: {estimate.permutations} permutations (seed {estimate.seed}"
-            + (f", truncation {estimate.truncation:g}" if estimate.truncation is not None else "")
-            + f"), {estimate.evaluations} coalition evaluations; ")
-    bounds = estimate.separation(removed)
-    if bounds is None:
-        return line + "no standard errors (a single permutation) to rank the removed units by"
-    apart = bounds[0] < bounds[1]
-    return line + (f"the 95% intervals {'rank' if apart else 'do not rank'} the {removed} removed units apart from "
-                   f"the rest (highest upper bound among them {bounds[0]:.4g}, lowest lower bound among the rest "
-                   f"{bounds[1]:.4g})")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -251,28 +306,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     record_file = folder / "record.json" if folder.is_dir() else folder
     if not record_file.is_file():
         raise MissingFileError(f"no record.json in {args.run}")
-    record = read_json(record_file)
+    record = read_record(record_file)
     print(summarize_record(record, folder if folder.is_dir() else None))
     front = pareto_lines(record)
     if front:
         print("\n".join(front))
     if args.steps:
-        for step in record["steps"]:
-            print(format_step(step, record.get("calibration", {}).get("num_samples"),
-                              per_cost=record.get("cost_target") is not None))
+        for step in record.steps:
+            print(format_step(step.to_dict(), record.calibration.get("num_samples"),
+                              per_cost=record.cost_target is not None))
     return 0
 
 
-def pareto_lines(record: dict) -> list[str]:
+def pareto_lines(record: Record) -> list[str]:
     """The Pareto front of a cost-target run, distance against the target's cost (steps no other step beats on
     both), with every measure's fraction; nothing for a run without a cost trajectory."""
     from finercut.budgets import MEASURES, pareto_front
 
-    trajectory, target = record.get("cost_trajectory"), record.get("cost_target")
+    trajectory, target = record.cost_trajectory, record.cost_target
     if not trajectory or not target:
         return []
     measure = target["measure"]
-    scored = [(row, step) for row, step in zip(trajectory, record["steps"]) if step.get("distance") is not None]
+    steps = [step.to_dict() for step in record.steps]
+    scored = [(row, step) for row, step in zip(trajectory, steps) if step.get("distance") is not None]
     front = pareto_front([(row[measure], step["distance"]) for row, step in scored])
     lines = [f"Pareto front, distance vs {measure} ({len(front)} of {len(scored)} steps; costs as fractions of "
              "the dense model):",
@@ -314,38 +370,60 @@ def format_step(step: dict, num_samples: int | None, *, per_cost: bool = False) 
     return "\n".join(lines)
 
 
+def _read_run_record(run: str) -> Record:
+    """The record of a run folder (or a record.json), with a one-line error for anything else."""
+    path = Path(run)
+    if not path.exists():
+        raise MissingFileError(f"{run} does not exist: give a run folder (with record.json) or a record.json")
+    if path.is_dir() and not (path / "record.json").is_file():
+        raise MissingFileError(f"{run} holds no record.json: the run is unfinished (resume it with finercut prune "
+                               "--resume) or not a run folder")
+    return read_record(path)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
-    from finercut.checkpoint import apply_removal, check_save_target, parameter_stats, save_pruned
-    from finercut.modelio import load_model, load_tokenizer, resolve_model_source
-    from finercut.record import removed_units
+    from finercut.checkpoint import check_save_target
+    from finercut.materialize import write_pruned_folder
 
-    run_dir = Path(args.run)
-    record = read_json(run_dir / "record.json" if run_dir.is_dir() else run_dir)
-    if args.recover:
-        from finercut.recovery import recover_record
-
-        recover_record(record, args.output, **_recovery_options(args), count=args.count, model_name=args.model,
-                       dtype=args.dtype, data_dir=args.data_dir, overwrite=args.overwrite,
-                       provenance={"record": str(run_dir)})
-        print(f"pruned model with {args.recover} recovery written to {args.output}")
-        return 0
-    saved = RunConfig.from_dict(record["config"])
-    source = resolve_model_source(args.model if args.model is not None else saved.model, saved.revision)
-    units = removed_units(record)
+    record = _read_run_record(args.run)
     if args.count is not None:
-        if not 1 <= args.count <= len(units):
-            raise ConfigError(f"--count must be between 1 and the {len(units)} units the record removed")
-        units = units[: args.count]
+        record.prefix(args.count)  # a count out of range is refused before anything loads
+    recovery = _recovery_options(args, data_dir=args.data_dir)
+    if args.dtype is not None:
+        from finercut.modelio import DTYPES
+
+        if args.dtype not in DTYPES:
+            raise ConfigError(f"invalid dtype {args.dtype!r}: choose {', '.join(DTYPES)}")
     check_save_target(Path(args.output), overwrite=args.overwrite)
-    tokenizer = load_tokenizer(source)
-    model, _ = load_model(source, dtype=args.dtype or saved.dtype, device="cpu")
-    dense_stats = parameter_stats(model)
-    apply_removal(model, units, num_blocks=record["model"]["num_blocks"])
-    report = save_pruned(model, args.output, tokenizer=tokenizer, dense_stats=dense_stats, overwrite=args.overwrite,
-                         provenance={"record": str(run_dir), "source_model": record["model"], "count": len(units)})
+    if args.model is not None:
+        from finercut.modelio import resolve_model_source
+
+        resolve_model_source(args.model)
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    _, report = write_pruned_folder(record, args.output, count=args.count, model_name=args.model, dtype=args.dtype,
+                                    recovery=recovery, overwrite=args.overwrite,
+                                    provenance={"record": str(Path(args.run))}, log=log)
     print(report.format())
-    print(f"pruned model written to {args.output}")
+    print(f"pruned model{f' with {args.recover} recovery' if recovery else ''} written to {args.output}")
     return 0
+
+
+def _check_eval_options(args: argparse.Namespace) -> list[str]:
+    """Refuse bad evaluation options before any model loads; returns the task names."""
+    from finercut.evaluation import PAPER_TASKS
+
+    given = getattr(args, "tasks", None)
+    tasks = [task for task in given.split(",") if task] if given else []
+    unknown = [task for task in tasks if task not in PAPER_TASKS]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(PAPER_TASKS)}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if getattr(args, "ppl_window", 2) < 2:
+        raise ConfigError(f"--ppl-window must be at least 2 tokens, got {args.ppl_window}")
+    return tasks
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -355,8 +433,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finercut.evaluation import evaluate_tasks, format_results_table, lm_eval_wikitext_perplexity
     from finercut.evaluation import windowed_perplexity
 
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise MissingFileError(f"--output {args.output}: its folder does not exist")
+    tasks = _check_eval_options(args)
+    if args.output:
+        output = Path(args.output)
+        if output.is_dir():
+            raise ConfigError(f"--output {args.output} is a folder; give the JSON file to write")
+        if not output.resolve().parent.is_dir():
+            raise MissingFileError(f"--output {args.output}: its folder does not exist")
+    if args.count is not None and not args.run:
+        raise ConfigError("--count applies to --run (the first N removals of a run)")
     model, tokenizer, label = _model_for_eval(args)
     results: dict = {"model": label}
     if args.ppl_max_windows != 0:
@@ -370,13 +455,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results["lm_eval_wikitext"] = dataclasses.asdict(lm_ppl)
         print(f"perplexity (b) word {lm_ppl.word_perplexity:.3f}, byte {lm_ppl.byte_perplexity:.4f}: "
               f"{lm_ppl.method}; {lm_ppl.num_documents} documents, {lm_ppl.source}")
-    if args.tasks:
-        tasks = evaluate_tasks(model, tokenizer, tasks=args.tasks.split(","), data_dir=args.data_dir,
-                               limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit, batch_size=args.batch_size)
-        results["tasks"] = dataclasses.asdict(tasks)
-        print(format_results_table(tasks))
+    if tasks:
+        task_results = evaluate_tasks(model, tokenizer, tasks=tasks, data_dir=args.data_dir, limit=args.limit,
+                                      mmlu_limit_per_subject=args.mmlu_limit, batch_size=args.batch_size)
+        results["tasks"] = dataclasses.asdict(task_results)
+        print(format_results_table(task_results))
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        from finercut.jsonio import write_json_atomic
+
+        write_json_atomic(Path(args.output), json.loads(json.dumps(results, default=str)))
     return 0
 
 
@@ -386,53 +473,73 @@ def _model_for_eval(args: argparse.Namespace):
     from finercut.modelio import load_model, load_tokenizer, resolve_model_source
 
     if args.model and _is_pruned_folder(Path(args.model)):
+        if args.run:
+            raise ConfigError(f"{args.model} is already pruned; --run applies to a dense model")
         return load_pruned(args.model), load_pruned_tokenizer(args.model), f"pruned folder {args.model}"
-    record = read_json(Path(args.run) / "record.json") if args.run else None
-    model_name = args.model if args.model is not None or record is None else record["config"]["model"]
-    source = resolve_model_source(model_name)
-    model, info = load_model(source, dtype=args.dtype or "float32", device="cpu")
-    tokenizer = load_tokenizer(source)
-    if record is None:
-        return model, tokenizer, info["id"]
-    from finercut.checkpoint import apply_removal
-    from finercut.record import removed_units
+    if args.run:
+        from finercut.materialize import pruned_from_record
 
-    units = removed_units(record)[: args.count]
-    apply_removal(model, units, num_blocks=record["model"]["num_blocks"])
-    return model, tokenizer, f"{info['id']} with {len(units)} units of {args.run} removed"
+        record = _read_run_record(args.run)
+        if args.count is not None:
+            record.prefix(args.count)  # refused before the model loads
+        source = resolve_model_source(args.model if args.model is not None else record.config.model)
+        model, info = load_model(source, dtype=args.dtype or "float32", device="cpu")
+        pruned = pruned_from_record(record, count=args.count, model=model, tokenizer=load_tokenizer(source))
+        return pruned.model, pruned.tokenizer, (f"{info['id']} with {len(pruned.record.steps)} units of {args.run} "
+                                                "removed")
+    source = resolve_model_source(args.model)
+    model, info = load_model(source, dtype=args.dtype or "float32", device="cpu")
+    return model, load_tokenizer(source), info["id"]
 
 
 def _is_pruned_folder(path: Path) -> bool:
-    import json
-
+    from finercut.jsonio import read_json
     from finercut.pruned_modeling import LAYOUT_KEY
 
     config_file = path / "config.json"
-    return config_file.is_file() and LAYOUT_KEY in json.loads(config_file.read_text())
+    return config_file.is_file() and LAYOUT_KEY in read_json(config_file, expect=dict, what="model config")
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 0,0.25,0.4") from None
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 1 <= int(index) <= int(count):
+        raise argparse.ArgumentTypeError(f"{text!r}: use I/N with 1 <= I <= N, e.g. 1/2")
+    return int(index) - 1, int(count)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from finercut.compare import CompareConfig, run_compare
+    from finercut.study.compare import CompareConfig, run_compare
 
+    _check_eval_options(args)
+    method_options = {}
+    for name in dict.fromkeys(compare_entries()[n][0].name for n in compare_entries()):
+        given = {}
+        for spec in option_fields(method_named(name).options):
+            flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
+            value = getattr(args, _method_option_dest(flag), None)
+            if value is not None:
+                given[spec.name] = value
+        if given:
+            method_options[name] = given
     config = CompareConfig(
-        model=args.model, methods=tuple(args.methods.split(",")),
-        ratios=tuple(float(r) for r in args.ratios.split(",")), metric=args.metric, dtype=args.dtype,
-        device=args.device, data_dir=args.data_dir, limit=args.limit, mmlu_limit_per_subject=args.mmlu_limit,
-        ppl_max_windows=args.ppl_max_windows, lm_eval_wikitext_docs=args.wikitext_docs,
-        eval_batch_size=args.batch_size, threads=args.threads, eval_threads=args.eval_threads,
-        recoveries=tuple(spec for spec in args.recover.split(",") if spec), equal_budget=args.equal_budget,
-        recovery_samples=args.recover_samples, recovery_seq_len=args.recover_seq_len,
-        shapley_permutations=args.permutations, shapley_truncation=args.truncation,
+        model=args.model, methods=tuple(args.methods.split(",")), ratios=args.ratios, metric=args.metric,
+        dtype=args.dtype, device=args.device, data_dir=args.data_dir, limit=args.limit,
+        mmlu_limit_per_subject=args.mmlu_limit, ppl_max_windows=args.ppl_max_windows,
+        lm_eval_wikitext_docs=args.wikitext_docs, eval_batch_size=args.batch_size, threads=args.threads,
+        eval_threads=args.eval_threads, recoveries=tuple(spec for spec in args.recover.split(",") if spec),
+        equal_budget=args.equal_budget, recovery_samples=args.recover_samples,
+        recovery_seq_len=args.recover_seq_len, method_options=method_options,
     )
     command = "finercut compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "finercut compare"
-    shard = None
-    if args.shard:
-        index, count = (int(part) for part in args.shard.split("/"))
-        if not 1 <= index <= count:
-            raise ConfigError(f"--shard {args.shard}: use I/N with 1 <= I <= N")
-        shard = (index - 1, count)
     run_compare(config, args.output, report=args.report, command=command, progress=args.progress,
-                log=lambda message: print(message, file=sys.stderr), shard=shard)
+                log=lambda message: print(message, file=sys.stderr), shard=args.shard)
     return 0
 
 
@@ -449,7 +556,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from finercut.report import write_report
+    from finercut.study.report import write_report
 
     print(f"report written to {write_report(args.run, args.html)}")
     return 0
@@ -477,9 +584,17 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="evaluation batch size")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with errors as one line (what was wrong and where to look), exit code 2, like every other input
+    error of finercut."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finercut", description="Fine-grained layer pruning of decoder-only LLMs.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="finercut", description="Fine-grained layer pruning of decoder-only LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     _add_prune_parser(commands)
     show = commands.add_parser("show", help="summarize a finished run")
     show.add_argument("run", help="run folder or record.json")
@@ -512,11 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "write a Markdown report with table and plots")
     compare.add_argument("--model", help="hub id, folder or .gguf (default SmolLM2-135M-Instruct)")
     compare.add_argument("--methods", default="finercut,finercut_block,shortgpt,deeper_layers",
-                         help="comma-separated: finercut, finercut_block, shortgpt, deeper_layers, random, shapley, "
-                              "shapley_block, blockpruner, finercut_attention, finercut_ffn (these two count their "
-                              "ratio among the L attention or FFN sub-layers); name@r1/r2 evaluates a method at "
-                              "its own ratios instead of --ratios (e.g. finercut_attention@0.33)")
-    compare.add_argument("--ratios", default="0,0.1,0.25,0.4", help="comma-separated; 0 is the dense model")
+                         help="comma-separated: " + ", ".join(compare_entries()) + " (only-attention and only-FFN "
+                              "entries count their ratio among the L sub-layers of that kind); name@r1/r2 evaluates "
+                              "a method at its own ratios instead of --ratios (e.g. finercut_attention@0.33)")
+    compare.add_argument("--ratios", default=_ratios("0,0.1,0.25,0.4"), type=_ratios,
+                         help="comma-separated; 0 is the dense model")
     compare.add_argument("--metric", default="js", help="FinerCut's distance")
     compare.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
     compare.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -528,18 +643,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "consecutive removed sub-layers)")
     compare.add_argument("--recover-samples", type=int, default=32, help="calibration windows of the fits")
     compare.add_argument("--recover-seq-len", type=int, default=512, help="tokens per fitting window")
-    compare.add_argument("--permutations", type=int, default=10,
-                         help="shapley methods: random orders of removal sampled (default 10)")
-    compare.add_argument("--truncation", type=float,
-                         help="shapley methods: stop a walk once its distance is within this fraction of removing "
-                              "everything")
+    _add_method_options(compare.add_argument_group("method options (for that method's runs)"))
     compare.add_argument("--equal-budget", action="store_true",
                          help="also evaluate FinerCut at the block methods' sub-layer count (2 round(r L)) where "
                               "its own round(2 r L) differs")
     compare.add_argument("--output", "-o", required=True, help="folder for runs and cached results")
     compare.add_argument("--report", help="Markdown report path (default: OUTPUT/results.md)")
     compare.add_argument("--no-progress", dest="progress", action="store_false")
-    compare.add_argument("--shard", help="I/N: evaluate only every N-th variant from the I-th and write no report "
+    compare.add_argument("--shard", type=_shard,
+                         help="I/N: evaluate only every N-th variant from the I-th and write no report "
                                          "(run N shards side by side, then once without --shard)")
     _add_eval_options(compare)
     compare.set_defaults(limit=200, mmlu_limit=3, wikitext_docs=5)

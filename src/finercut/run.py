@@ -1,14 +1,18 @@
-"""Pruning runs: the in-memory API (:func:`prune`) and resumable runs in an output folder (:func:`run_in_folder`).
+"""Pruning runs: one pipeline for the in-memory API (:func:`prune`) and runs in an output folder
+(:func:`run_in_folder`).
 
-A folder run validates everything it can before any expensive work or any write, records its progress after
-every step (atomically), resumes from the last finished step when run again, and ends with ``record.json``,
-``layer_map.png`` and the pruned model in ``model/``.
+Both end in :func:`search_model`: count a cost target's costs, run the original model once over the calibration
+samples, let the method select (:func:`find_steps`, a lookup in :mod:`finercut.methods`) and build the
+:class:`~finercut.record.Record`. A folder run adds what a folder needs around that core: every check before any
+expensive work or any write, the lock, progress saved after every step (atomically), resume and extension from
+what the folder holds, and the outputs (``record.json``, ``layer_map.png``, ``step_scores.png``, ``model/``),
+each listed in the folder's manifest and tagged with the removals it was made for (:mod:`finercut.folder`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +21,28 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from finercut import baselines
 from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
-from finercut.candidates import Unit, all_units, count_units, window_applies
+from finercut.candidates import Unit, all_units
 from finercut.distances import METRICS, Metric, metric_named
-from finercut.distributed import DistributedScorer, current_world, init_world
+from finercut.distributed import current_world, init_world
 from finercut.errors import UserError
+from finercut.evaluation.stats import kv_cache_summary
+from finercut.folder import (
+    LAYER_MAP_FILE,
+    MODEL_DIR,
+    PROGRESS_FILE,
+    RECORD_FILE,
+    RUN_FILE,
+    STEP_SCORES_FILE,
+    FolderLock,
+    Manifest,
+    OutputFolderError,
+    discard_own_entries,
+    foreign_entries,
+)
+from finercut.jsonio import read_json, write_json_atomic
+from finercut.methods import GREEDY, ONE_SHOT, Selecting
 from finercut.modelio import (
     identity_differences,
     load_config,
@@ -34,37 +53,26 @@ from finercut.modelio import (
     resolve_dtype,
     resolve_model_source,
 )
-from finercut.evaluation.stats import kv_cache_summary
 from finercut.placement import resolve_device_map
 from finercut.plots import plot_layer_map, plot_step_scores
+from finercut.progress import WorkProgress
 from finercut.record import (
-    PERPLEXITY_METRIC,
     PROGRESS_FORMAT,
     RUN_FORMAT,
     ConfigError,
+    Record,
+    RecordError,
     RunConfig,
-    build_record,
     config_differences,
     environment_info,
-    read_json,
-    write_json_atomic,
+    read_run_config,
 )
-from finercut.scoring import DEFAULT_BATCH_SIZE, SCORERS, ScoringContext, describe_scoring
-from finercut.search import Budget, Step, greedy_search
-
-RUN_FILE = "run.json"
-PROGRESS_FILE = "progress.json"
-RECORD_FILE = "record.json"
-LAYER_MAP_FILE = "layer_map.png"
-STEP_SCORES_FILE = "step_scores.png"
-MODEL_DIR = "model"
-OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, STEP_SCORES_FILE, MODEL_DIR)
+from finercut.scoring import DEFAULT_BATCH_SIZE, ScoringContext
+from finercut.search import Budget, Step
 
 Log = Callable[[str], None]
 
-
-class OutputFolderError(UserError, ValueError):
-    """The output folder holds something other than a matching run."""
+__all__ = ["OutputFolderError", "PruneResult", "find_steps", "prune", "run_in_folder", "search_model"]
 
 
 @dataclass
@@ -72,7 +80,7 @@ class PruneResult:
     """What a pruning run found: the steps in order and the record describing them."""
 
     steps: list[Step]
-    record: dict
+    record: Record
     output_dir: Path | None = None
     model: nn.Module | None = None
     tokenizer: Any = None
@@ -86,191 +94,157 @@ class PruneResult:
         return [step.unit for step in self.steps]
 
 
-def planned_evaluations(*, num_blocks: int, config: RunConfig, done: int, target: int) -> int:
-    """Candidate evaluations left, assuming removals come from the window while it applies (for the ETA)."""
-    units = count_units(num_blocks, config.granularity, config.only)
-    first = config.first_candidate_block(num_blocks)
-    window_units = units - (first * (units // num_blocks))
-    return sum(
-        (window_units if window_applies(k, units, config.window_until_ratio) else units) - k
-        for k in range(done, target)
-    )
+@dataclass
+class FolderState:
+    """What an output folder holds before a run starts (nothing, for an in-memory run)."""
+
+    saved_config: RunConfig | None = None
+    completed: list[Step] = field(default_factory=list)
+    calibration_sha256: str | None = None
+    model_identity: dict | None = None
+    holds_files: bool = False
+    cost_model: dict | None = None
+    """A cost-target run: the costs counted (and latency measured) before its first step."""
+    method_state: dict | None = None
+    """What the method saved (a one-shot method's ranking of every unit)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The core: select on a loaded model
 
 
 def find_steps(
-    context: ScoringContext, config: RunConfig, *, num_blocks: int, target: int | None,
-    completed: Sequence[Step] = (), on_step: Callable[[Step], None] | None = None, progress: bool = False,
-    extras: dict | None = None, budget: Budget | None = None,
+    context: ScoringContext | None, config: RunConfig, *, num_blocks: int, target: int | None,
+    completed: Sequence[Step] = (), on_step: Callable[[Step], None] | None = None,
+    progress: WorkProgress | None = None, extras: dict | None = None, budget: Budget | None = None,
+    saved: dict | None = None, save_state: Callable[[dict], None] | None = None, log: Log | None = None,
 ) -> list[Step]:
-    """Run ``config.method`` on a scoring context: the greedy search for FinerCut, one shot for baselines.
+    """Run the config's method on a scoring context (``context`` may be None only when the method reuses a saved
+    ranking). Greedy methods continue after ``completed``; the others select everything at once and get none.
 
-    With a cost target, ``budget`` replaces ``target`` (FinerCut only); the progress bar then counts the
-    fewest steps that could meet it.
-    Baselines select everything at once from the original model, so they ignore ``completed`` and ``on_step``.
-    ``extras`` receives what a method adds to the record (Shapley: ``importance``, the values and their errors).
+    ``extras`` receives what a method adds to the record (Shapley: ``importance``), ``save_state`` what it wants
+    kept for a resume (a one-shot method's ranking).
     """
-    if config.method == "shapley":
-        from finercut.importance import shapley_steps
-
-        steps, estimate = shapley_steps(
-            context, all_units(num_blocks, config.granularity, config.only), count=target,
-            permutations=config.shapley_permutations, seed=config.seed, truncation=config.shapley_truncation,
-        )
-        if extras is not None:
-            extras["importance"] = estimate.to_dict()
-        return steps
-    if config.method == "shortgpt":
-        return baselines.shortgpt_steps(context, count=target)
-    if config.method == "deeper_layers":
-        return baselines.deeper_layers_steps(context, count=target)
-    if config.method == "random":
-        return baselines.random_steps(num_blocks, granularity=config.granularity, count=target, seed=config.seed,
-                                      only=config.only)
-    options = {"replay_state_bytes": int(config.replay_memory_gb * 2**30)} if config.scorer == "fast" else {}
-    if config.method == "blockpruner":  # perplexity as the score, over every block (no window)
-        from finercut.baselines.blockpruner import perplexity_scorer
-
-        scorer = perplexity_scorer(context, scorer=config.scorer, exhaustive=config.exhaustive, **options)
-        window_first_block = 0
-    else:
-        scorer = SCORERS[config.scorer](context, exhaustive=config.exhaustive, **options)
-        window_first_block = config.first_candidate_block(num_blocks)
-    if extras is not None:
-        extras["scoring"] = describe_scoring(context, scorer=config.scorer, exhaustive=config.exhaustive,
-                                             objective=PERPLEXITY_METRIC if config.method == "blockpruner" else None,
-                                             **options)
-    search_target = target
-    if budget is not None:
-        from finercut.budgets import minimal_steps
-
-        units = [u for u in all_units(num_blocks, config.granularity, config.only) if u not in
-                 [step.unit for step in completed]]
-        target = len(completed) + max(1, minimal_steps(budget.cost, units, budget.fraction))  # the bar's guess
-    bar = _progress_bar(num_blocks=num_blocks, config=config, done=len(completed), target=target, enabled=progress)
-    state = {"step": len(completed)}
-
-    def on_candidate(unit: Unit, distance: float) -> None:
-        bar.update(1)
-        bar.set_postfix_str(f"step {state['step'] + 1}/{target} cand {unit} d={distance:.3g}", refresh=False)
-
-    speaks = current_world().is_writer  # under torchrun, rank 0 reports the steps for the job
-
-    def after_step(step: Step) -> None:
-        state["step"] = step.index + 1
-        if speaks:
-            of = f"{target}" if budget is None else f"{budget.cost.measure} <= {budget.fraction:.1%}"
-            bar.write(f"step {step.index + 1}/{of}: removed {step.unit} (distance {step.distance:.6g}, "
-                      f"{step.seconds:.1f} s)")
-        if on_step:
-            on_step(step)
-
-    try:
-        return greedy_search(
-            DistributedScorer.wrap(scorer), num_blocks=num_blocks, granularity=config.granularity,
-            target=search_target, window_until_ratio=config.window_until_ratio, window_first_block=window_first_block,
-            completed=completed, on_step=after_step, on_candidate=on_candidate, only=config.only, budget=budget,
-        )
-    finally:
-        bar.close()
+    method = config.method_spec
+    request = Selecting(
+        context=context, config=config, num_blocks=num_blocks, target=target, budget=budget,
+        completed=list(completed) if method.selection == GREEDY else [], saved=saved, on_step=on_step,
+        save_state=save_state or (lambda state: None), progress=progress or WorkProgress(enabled=False),
+        extras=extras if extras is not None else {}, log=log or (lambda message: None),
+    )
+    if context is not None and method.selection != GREEDY:  # greedy methods plan their bar step by step
+        request.progress.plan(method.plan_work(request))
+    return method.select(request)
 
 
 def context_distance(config: RunConfig) -> Metric:
-    """The output distance a scoring context prepares its reference for. BlockPruner (metric ``ppl``) scores by
-    perplexity and never reads the reference, so the default distance stands in (prepared lazily: no cost)."""
+    """The output distance a scoring context prepares its reference for. A method that scores by something else
+    never reads the reference, so the default distance stands in (prepared lazily: no cost)."""
     return metric_named(config.metric if config.metric in METRICS else RunConfig.metric)
 
 
-def _progress_bar(*, num_blocks: int, config: RunConfig, done: int, target: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    total = planned_evaluations(num_blocks=num_blocks, config=config, done=done, target=target)
-    return tqdm(total=total, desc="finercut", unit="cand", disable=not enabled, dynamic_ncols=True)
-
-
-def prune(
-    model: nn.Module, tokenizer: Any = None, *, ratio: float | None = None, count: int | None = None,
-    method: str = "finercut", metric: str = "js", granularity: str | None = None, only: str | None = None,
-    input_ids: torch.Tensor | None = None,
-    calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None, num_samples: int = 10,
-    seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast", exhaustive: bool = False,
-    window_until_ratio: float = 0.4, window_fraction: float = 0.4, window_first_block: int | None = None,
-    progress: bool = True, shapley_permutations: int = 10, shapley_truncation: float | None = None,
-    cost_target: str | None = None, cost_fraction: float | None = None, cost_context: int | None = None,
-) -> PruneResult:
-    """Find which sub-layers of an in-memory model to remove; the model is left unchanged.
+def search_model(
+    model: nn.Module, config: RunConfig, input_ids: torch.Tensor, *, calibration_info: dict, model_info: dict,
+    state: FolderState | None = None, progress: bool = True, log: Log | None = None,
+    on_steps: Callable[[list[Step], dict | None], None] | None = None, timings: dict | None = None,
+    measure_gains: bool = True,
+) -> tuple[list[Step], Record]:
+    """Select on a loaded model and describe the result: the core of every run.
 
     Args:
-        model: a ``transformers`` causal LM of a supported architecture (run in eval mode, then restored).
-        tokenizer: needed unless ``input_ids`` is given.
-        ratio: layer pruning ratio r: removes round(r * 2L) sub-layers (round(r * L) blocks). Default 0.25
-            when ``count`` is not given either.
-        only: ``"attention"`` or ``"ffn"``: only sub-layers of that kind are candidates (ratio counts them).
-        cost_target: ``"params"``, ``"macs"`` (with ``cost_context`` tokens), ``"kv_cache"`` or ``"latency"``
-            (measured here first): instead of a ratio, remove the least distance per cost saved until the model
-            costs at most ``cost_fraction`` of the dense model (:mod:`finercut.budgets`).
-        input_ids: ``[samples, seq]`` ready calibration token ids (instead of sampling ``calibration``).
-        calibration: ``"wikitext2"`` or a ``.txt``/``.jsonl`` file, sampled into ``num_samples`` windows of
-            ``seq_len`` tokens with ``seed``.
-
-    Returns:
-        A :class:`PruneResult`; apply it with :func:`finercut.apply_removal` for a physically smaller model.
+        input_ids: ``[samples, seq]`` calibration token ids.
+        state: what an output folder holds (finished steps, saved costs and method state); None: nothing.
+        on_steps: called with all steps so far (and the method's saved state) whenever they change, to persist
+            them.
+        measure_gains: count parameters, MACs and KV cache before and after, and time the forward pass of the
+            dense and the pruned model side by side (the record's ``gains``).
     """
-    if ratio is None and count is None and cost_target is None:
-        ratio = 0.25
-    data_folder = resolve_data_dir(data_dir)
-    config = RunConfig(
-        method=method, granularity=granularity, only=only, metric=metric, ratio=ratio, count=count,
-        window_until_ratio=window_until_ratio, window_fraction=window_fraction,
-        window_first_block=window_first_block, calibration=calibration,
-        data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
-        batch_size=batch_size, scorer=scorer, exhaustive=exhaustive, threads=torch.get_num_threads(),
-        save_model=False, shapley_permutations=shapley_permutations, shapley_truncation=shapley_truncation,
-        cost_target=cost_target, cost_fraction=cost_fraction, cost_context=cost_context,
-    )
+    state = state or FolderState()
+    log = log or (lambda message: None)
+    world = current_world()
     adapter = adapter_for(model)
     num_blocks = adapter.num_blocks(model)
+    method = config.method_spec
     target = None if config.cost_target else config.target(num_blocks)
-    window_first = config.first_candidate_block(num_blocks)
-    if input_ids is None:
-        if tokenizer is None:
-            raise ValueError("pass a tokenizer, or calibration token ids as input_ids")
-        source = resolve_source(calibration, config.data_dir)
-        check_context_length(model.config, seq_len)
-        input_ids, calibration_info = calibration_samples(
-            tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed
-        )
-    else:
-        check_context_length(model.config, input_ids.shape[1])
-        calibration_info = {"source": "tensor", "description": "token ids passed through the API",
-                            **samples_info(input_ids, seed=None)}
+    costs, budget = None, None
+    if config.cost_target:  # counted and measured before the search; a resumed run keeps its saved figures
+        costs, budget = _run_budget(model, config, input_ids, state, num_blocks, world)
+    completed = list(state.completed) if method.selection == GREEDY else []
+    saved = state.method_state if method.selection == ONE_SHOT else None
+    if completed:
+        log(f"resuming after {len(completed)} finished steps")
+    elif state.completed and not saved:
+        log(f"finercut: {method.label} selects every unit at once; the selection restarts (nothing of the earlier "
+            "run is reused)")
+    extras: dict = {}
+    method_state = dict(saved) if saved else None
+    steps_so_far = list(completed)
+
+    def save_progress(step: Step) -> None:
+        steps_so_far.append(step)
+        if on_steps:
+            on_steps(list(steps_so_far), method_state)
+
+    def save_state(new_state: dict) -> None:
+        nonlocal method_state
+        method_state = new_state
+        if on_steps:
+            on_steps(list(steps_so_far), method_state)
+
+    started = time.perf_counter()
+    reference_seconds = 0.0
+    rank_block_executions = None  # this invocation's work per rank, like its timings
+    finished = completed and (len(completed) == target or (budget is not None and budget.met(
+        [step.unit for step in completed])))
     was_training = model.training
     model.eval()  # dropout would make every score random
-    extras: dict = {}
-    costs, budget = None, None
     try:
-        if config.cost_target:
-            costs, budget = _run_budget(model, config, input_ids, FolderState(), num_blocks, current_world())
-        started = time.perf_counter()
-        context = ScoringContext.build(model, adapter, context_distance(config), input_ids,
-                                       batch_size=batch_size)
-        reference_seconds = time.perf_counter() - started
-        try:
-            steps = find_steps(context, config, num_blocks=num_blocks, target=target, progress=progress,
-                               extras=extras, budget=budget)
-        finally:
-            context.close()
+        if finished:
+            steps = completed  # the search finished earlier; only its outputs are missing
+        else:
+            reuse = saved is not None and bool(saved.get("ranking"))
+            context = None if reuse else ScoringContext.build(model, adapter, context_distance(config), input_ids,
+                                                              batch_size=config.batch_size)
+            reference_seconds = time.perf_counter() - started
+            bar = WorkProgress(enabled=progress and world.is_writer)
+            if context is not None:
+                bar.attach(context)
+            try:
+                steps = find_steps(context, config, num_blocks=num_blocks, target=None if budget else target,
+                                   completed=completed, on_step=save_progress, progress=bar, extras=extras,
+                                   budget=budget, saved=saved, save_state=save_state, log=log)
+                if context is not None:
+                    rank_block_executions = world.all_gather(context.block_executions)
+            finally:
+                bar.close()
+                if context is not None:
+                    context.close()
+            if method.selection != GREEDY and on_steps:
+                on_steps(list(steps), method_state)
     finally:
         model.train(was_training)
-    record = build_record(
-        config=config, model_info=_model_info(model), calibration_info=calibration_info,
-        environment=environment_info(threads=torch.get_num_threads(), device=str(model.device)), steps=steps,
-        num_blocks=num_blocks, target=len(steps) if budget else target, window_first_block=window_first,
+    if costs:
+        extras.update(cost_record(costs, config, [step.unit for step in steps]))
+    if measure_gains:
+        from finercut.budgets import GAINS_CONTEXT, run_gains
+
+        limit = getattr(model.config, "max_position_embeddings", None) or GAINS_CONTEXT
+        extras["gains"] = run_gains(model, [step.unit for step in steps], input_ids,
+                                    context_length=min(GAINS_CONTEXT, limit))
+    record = Record(
+        config=config, model={**model_info, "num_blocks": num_blocks}, calibration=calibration_info,
+        environment=environment_info(threads=config.threads or torch.get_num_threads(),
+                                     device=str(config.device if config.device != "auto" else model.device)),
+        steps=tuple(steps), target_count=len(steps) if budget else target,
+        window_first_block=config.first_candidate_block(num_blocks),
         timings={"reference_seconds": reference_seconds,
-                 "search_seconds": time.perf_counter() - started - reference_seconds},
-        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]), **extras,
-               **(cost_record(costs, config, [step.unit for step in steps]) if costs else {})},
+                 "search_seconds": time.perf_counter() - started - reference_seconds,
+                 "resumed_steps": len(completed), "block_executions_by_rank": rank_block_executions,
+                 **(timings or {})},
+        extras={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]), "distributed": world.describe(),
+                **extras},
     )
-    return PruneResult(steps=steps, record=record)
+    return steps, record
 
 
 def _model_info(model: nn.Module) -> dict:
@@ -291,21 +265,78 @@ def check_context_length(model_config: Any, seq_len: int) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Runs in an output folder
+# ---------------------------------------------------------------------------------------------------------------------
+# In memory
 
 
-@dataclass
-class FolderState:
-    """What an output folder holds before a run starts."""
+def prune(
+    model: nn.Module, tokenizer: Any = None, *, ratio: float | None = None, count: int | None = None,
+    method: str = "finercut", metric: str = "js", granularity: str | None = None, only: str | None = None,
+    input_ids: torch.Tensor | None = None,
+    calibration: str = "wikitext2", data_dir: str | os.PathLike | None = None, num_samples: int = 10,
+    seq_len: int = 256, seed: int = 0, batch_size: int | None = None, scorer: str = "fast", exhaustive: bool = False,
+    window_until_ratio: float = 0.4, window_fraction: float = 0.4, window_first_block: int | None = None,
+    progress: bool = True, measure_gains: bool = True, options: dict | Any = None,
+    shapley_permutations: int | None = None,
+    shapley_truncation: float | None = None,
+    cost_target: str | None = None, cost_fraction: float | None = None, cost_context: int | None = None,
+) -> PruneResult:
+    """Find which sub-layers of an in-memory model to remove; the model is left unchanged.
 
-    saved_config: RunConfig | None = None
-    completed: list[Step] = field(default_factory=list)
-    calibration_sha256: str | None = None
-    model_identity: dict | None = None
-    holds_files: bool = False
-    cost_model: dict | None = None
-    """A cost-target run: the costs counted (and latency measured) before its first step."""
+    Args:
+        model: a ``transformers`` causal LM of a supported architecture (run in eval mode, then restored).
+        tokenizer: needed unless ``input_ids`` is given.
+        ratio: layer pruning ratio r: removes round(r * 2L) sub-layers (round(r * L) blocks). Default 0.25
+            when ``count`` is not given either.
+        method: a registered method (:func:`finercut.methods.registered`); ``options`` are its own (a dict or
+            its options dataclass; Shapley's also as ``shapley_permutations`` / ``shapley_truncation``).
+        only: ``"attention"`` or ``"ffn"``: only sub-layers of that kind are candidates (ratio counts them).
+        cost_target: ``"params"``, ``"macs"`` (with ``cost_context`` tokens), ``"kv_cache"`` or ``"latency"``
+            (measured here first): instead of a ratio, remove the least distance per cost saved until the model
+            costs at most ``cost_fraction`` of the dense model (:mod:`finercut.budgets`).
+        input_ids: ``[samples, seq]`` ready calibration token ids (instead of sampling ``calibration``).
+        calibration: ``"wikitext2"`` or a ``.txt``/``.jsonl`` file, sampled into ``num_samples`` windows of
+            ``seq_len`` tokens with ``seed``.
+
+    Returns:
+        A :class:`PruneResult`; apply it with :func:`finercut.apply_removal` for a physically smaller model.
+    """
+    if ratio is None and count is None and cost_target is None:
+        ratio = 0.25
+    legacy = {name: value for name, value in (("permutations", shapley_permutations),
+                                               ("truncation", shapley_truncation)) if value is not None}
+    if legacy:
+        options = {**(options or {}), **legacy}
+    data_folder = resolve_data_dir(data_dir)
+    config = RunConfig(
+        method=method, granularity=granularity, only=only, metric=metric, ratio=ratio, count=count,
+        window_until_ratio=window_until_ratio, window_fraction=window_fraction,
+        window_first_block=window_first_block, calibration=calibration,
+        data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
+        batch_size=batch_size, scorer=scorer, exhaustive=exhaustive, threads=torch.get_num_threads(),
+        save_model=False, options=options, cost_target=cost_target, cost_fraction=cost_fraction,
+        cost_context=cost_context,
+    )
+    adapter_for(model)  # an unknown architecture fails here, before any calibration work
+    if input_ids is None:
+        if tokenizer is None:
+            raise ValueError("pass a tokenizer, or calibration token ids as input_ids")
+        source = resolve_source(calibration, config.data_dir)
+        check_context_length(model.config, seq_len)
+        input_ids, calibration_info = calibration_samples(
+            tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed
+        )
+    else:
+        check_context_length(model.config, input_ids.shape[1])
+        calibration_info = {"source": "tensor", "description": "token ids passed through the API",
+                            **samples_info(input_ids, seed=None)}
+    steps, record = search_model(model, config, input_ids, calibration_info=calibration_info,
+                                 model_info=_model_info(model), progress=progress, measure_gains=measure_gains)
+    return PruneResult(steps=steps, record=record)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In an output folder
 
 
 def inspect_output(output_dir: Path, *, parse: bool = True) -> FolderState:
@@ -315,35 +346,33 @@ def inspect_output(output_dir: Path, *, parse: bool = True) -> FolderState:
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputFolderError(f"output {output_dir} exists and is not a folder")
-    visible = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".")) if output_dir.exists() else []
-    foreign = [name for name in visible if name not in OWN_ENTRIES]
+    foreign = foreign_entries(output_dir)
     if foreign:
         raise OutputFolderError(
             f"output folder {output_dir} holds files finercut did not write ({', '.join(foreign[:5])}"
             f"{'...' if len(foreign) > 5 else ''}); choose a new or empty folder"
         )
+    visible = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".")) if output_dir.exists() else []
     if RUN_FILE not in visible or not parse:
         return FolderState(holds_files=bool(visible))
+    saved_config = read_run_config(output_dir / RUN_FILE)
+    progress_file = output_dir / PROGRESS_FILE
+    progress = read_json(progress_file, expect=dict, what="progress file") if progress_file.exists() else None
+    if progress is None:
+        return FolderState(saved_config, holds_files=True)
     try:
-        saved_config = RunConfig.from_dict(read_json(output_dir / RUN_FILE)["config"])
-        progress = read_json(output_dir / PROGRESS_FILE) if (output_dir / PROGRESS_FILE).exists() else None
-        completed = [Step.from_dict(step) for step in progress["steps"]] if progress else []
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        if progress.get("format") != PROGRESS_FORMAT or not isinstance(progress.get("steps"), list):
+            raise ValueError(f"format {progress.get('format')!r}, expected {PROGRESS_FORMAT} with steps")
+        completed = [Step.from_dict(step) for step in progress["steps"]]
+        method_state = progress.get("method_state")
+        if method_state is not None and not isinstance(method_state, dict):
+            raise ValueError("method_state is not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise OutputFolderError(
-            f"{output_dir / RUN_FILE} or its progress file is unreadable ({error}); pass --overwrite to start over"
-        ) from error
-    return FolderState(saved_config, completed, progress.get("calibration_sha256") if progress else None,
-                       progress.get("model_identity") if progress else None, True,
-                       progress.get("cost_model") if progress else None)
-
-
-def discard_run_files(output_dir: Path) -> None:
-    """Delete what an earlier run wrote (and only that)."""
-    if not output_dir.exists():
-        return
-    for path in output_dir.iterdir():
-        if path.name in OWN_ENTRIES or path.name.startswith("."):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            f"{progress_file} is not a finercut progress file ({error}); pass --overwrite to start over"
+        ) from None
+    return FolderState(saved_config, completed, progress.get("calibration_sha256"), progress.get("model_identity"),
+                       True, progress.get("cost_model"), method_state)
 
 
 def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
@@ -368,15 +397,34 @@ def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
     )
 
 
+def check_output_location(output_dir: Path) -> None:
+    """Refuse, before any work, an output folder that could not be created or written."""
+    existing = output_dir
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != output_dir and not existing.is_dir():
+        raise OutputFolderError(f"--output {output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"--output {output_dir}: {existing} is not writable")
+    for part in output_dir.parts:
+        if len(part.encode()) > 255:
+            raise OutputFolderError(f"--output {output_dir}: the name {part[:40]}... is longer than 255 bytes")
+
+
 def run_in_folder(
     config: RunConfig, output_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
-    log: Log = print,
+    log: Log = print, recovery: Any = None,
 ) -> PruneResult:
     """Run (or resume, or extend) a pruning run whose files live in ``output_dir``.
 
-    Raises before writing anything if any setting, file or the folder is unusable.
+    Raises before writing anything if any setting, file or the folder is unusable. With ``recovery`` (a
+    :class:`finercut.materialize.RecoveryOptions`, checked against the model's shape before it loads) the saved
+    ``model/`` is the recovered one; a finished run asked for another recovery saves its model again.
     """
     output_dir = Path(output_dir).expanduser().resolve()
+    check_output_location(output_dir)
     world = init_world()  # under torchrun: this rank's place in the job; rank 0 alone writes and logs
     if not world.is_writer:
         log, progress = _silent, False
@@ -412,10 +460,16 @@ def run_in_folder(
     if target is not None and len(state.completed) > target:
         raise ConfigError(
             f"{output_dir} already removed {len(state.completed)} units; a smaller target ({target}) needs a new "
-            "--output folder (a shorter greedy run is a prefix of this one: see 'finercut apply --count')"
+            "--output folder (a shorter run is a prefix of this one: see 'finercut apply --count')"
         )
     calibration_source = resolve_source(config.calibration, config.data_dir)
-    finished = world.all_gather(_finished_record(output_dir, state, target, config) if world.is_writer else None)[0]
+    if recovery is not None:
+        if not config.save_model:
+            raise ConfigError("--recover saves a recovered model: it cannot be combined with --no-save-model")
+        recovery.check_model(model_config)
+    model_key = model_output_key if recovery is None else (lambda key: f"{key}+{_short_hash(recovery.signature)}")
+    finished = world.all_gather(finished_record(output_dir, state, target, config, model_key=model_key)
+                                if world.is_writer else None)[0]
     if finished is not None:
         log(f"finercut: {output_dir} already holds this finished run ({target} units removed); nothing to do")
         return PruneResult(steps=state.completed, record=finished, output_dir=output_dir,
@@ -434,90 +488,141 @@ def run_in_folder(
         )
     model, model_info = load_model(source, dtype=config.dtype, device=config.device, device_map=config.device_map)
     model_info["identity"] = identity
-    cost_model, budget = None, None
-    if config.cost_target:  # counted and measured before the search; a resumed run keeps its saved figures
-        cost_model, budget = _run_budget(model, config, input_ids, state, num_blocks, world)
-
+    if config.cost_target:  # counted (latency measured) now: an unreachable target is refused before any write
+        _run_budget(model, config, input_ids, state, num_blocks, world)
     world.barrier()  # every rank has read the folder and passed validation before rank 0 changes it
+    lock = FolderLock(output_dir)
     if world.is_writer:
-        if overwrite:
-            discard_run_files(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
-    what = 'blocks' if config.granularity == 'block' else 'sub-layers'
-    amount = (f"{what} until {config.cost_target} <= {config.cost_fraction:.1%} of the dense model" if budget
-              else f"{target} {what}")
-    log(f"finercut: {config.method} on {model_info['id']} ({adapter.name}, {num_blocks} blocks), removing "
-        f"{amount}; output in {output_dir}")
-    # Baselines select everything at once from the original model: nothing of an earlier run carries over.
-    one_shot = config.method != "finercut"
-    completed = [] if one_shot else list(state.completed)
-    if completed:
-        log(f"resuming after {len(completed)} finished steps")
+        lock.acquire()  # the first write: a second run on this folder is refused here, before it changes anything
+    try:
+        manifest = None
+        if world.is_writer:
+            if overwrite:
+                discard_own_entries(output_dir)
+            manifest = Manifest.read(output_dir)
+            _write_own(manifest, RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
+        what = 'blocks' if config.granularity == 'block' else 'sub-layers'
+        amount = (f"{what} until {config.cost_target} <= {config.cost_fraction:.1%} of the dense model"
+                  if config.cost_target else f"{target} {what}")
+        log(f"finercut: {config.method} on {model_info['id']} ({adapter.name}, {num_blocks} blocks), removing "
+            f"{amount}; output in {output_dir}")
 
-    def write_progress(steps: Sequence[Step]) -> None:
+        def write_progress(steps: Sequence[Step], method_state: dict | None) -> None:
+            if not world.is_writer:
+                return
+            _write_own(manifest, PROGRESS_FILE, {
+                "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
+                "model_identity": identity, "steps": [step.to_dict() for step in steps],
+                **({"cost_model": state.cost_model} if state.cost_model else {}),
+                **({"method_state": method_state} if method_state else {}),
+            })
+
+        steps, record = search_model(model, config, input_ids, calibration_info=calibration_info,
+                                     model_info=model_info, state=state, progress=progress, log=log,
+                                     on_steps=write_progress)
         if not world.is_writer:
-            return
-        write_json_atomic(output_dir / PROGRESS_FILE, {
-            "format": PROGRESS_FORMAT, "calibration_sha256": calibration_info["token_ids_sha256"],
-            "model_identity": identity,
-            "steps": [step.to_dict() for step in steps],
-            **({"cost_model": cost_model} if cost_model else {}),
-        })
+            world.barrier()  # until rank 0 has written the outputs
+            return PruneResult(steps=steps, record=record, output_dir=output_dir,
+                               resumed_steps=record.timings["resumed_steps"], writer=False)
+        result = PruneResult(steps=steps, record=record, output_dir=output_dir, model=model, tokenizer=tokenizer,
+                             resumed_steps=record.timings["resumed_steps"])
+        result.record = write_outputs(result, manifest, recovery=recovery, model_key=model_key, log=log)
+        world.barrier()
+        return result
+    finally:
+        lock.release()
 
-    steps_so_far = list(completed)
 
-    def save_progress(step: Step) -> None:
-        steps_so_far.append(step)
-        write_progress(steps_so_far)
+def model_output_key(removal_key: str) -> str:
+    """The manifest tag of a run's ``model/``: its removals (and, recovered, the recovery's settings)."""
+    return removal_key
 
-    extras: dict = {}
-    started = time.perf_counter()
-    reference_seconds = 0.0
-    rank_block_executions = None  # this invocation's work per rank, like its timings
-    if len(completed) == target or (budget is not None and budget.met([step.unit for step in completed])):
-        steps = completed  # the search finished earlier; only its outputs are missing
-    else:
-        context = ScoringContext.build(model, adapter, context_distance(config), input_ids,
-                                       batch_size=config.batch_size)
-        reference_seconds = time.perf_counter() - started
-        try:
-            steps = find_steps(context, config, num_blocks=num_blocks, target=None if budget else target,
-                               completed=completed, on_step=save_progress, progress=progress, extras=extras,
-                               budget=budget)
-            rank_block_executions = world.all_gather(context.block_executions)
-        finally:
-            context.close()
-        if one_shot:
-            write_progress(steps)
 
-    if cost_model:
-        extras.update(cost_record(cost_model, config, [step.unit for step in steps]))
-    record = build_record(
-        config=config, model_info=model_info, calibration_info=calibration_info,
-        environment=environment_info(threads=config.threads, device=config.device), steps=steps,
-        num_blocks=num_blocks, target=len(steps) if budget else target,
-        window_first_block=config.first_candidate_block(num_blocks),
-        timings={"reference_seconds": reference_seconds,
-                 "search_seconds": time.perf_counter() - started - reference_seconds,
-                 "resumed_steps": len(completed), "block_executions_by_rank": rank_block_executions},
-        extra={"kv_cache": kv_cache_summary(model, [step.unit for step in steps]),
-               "distributed": world.describe(), **extras},
-    )
-    if not world.is_writer:
-        world.barrier()  # until rank 0 has written the outputs
-        return PruneResult(steps=steps, record=record, output_dir=output_dir, resumed_steps=len(completed),
-                           writer=False)
-    write_json_atomic(output_dir / RECORD_FILE, record)
-    plot_layer_map([s.unit for s in steps], num_blocks, output_dir / LAYER_MAP_FILE,
-                   title=layer_map_title(record))
-    plot_step_scores(record["steps"], output_dir / STEP_SCORES_FILE, title=layer_map_title(record))
-    result = PruneResult(steps=steps, record=record, output_dir=output_dir, model=model, tokenizer=tokenizer,
-                         resumed_steps=len(completed))
-    if config.save_model:
-        result.notes.append(save_pruned_model(result, num_blocks=num_blocks).format())
-    world.barrier()
-    return result
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_outputs(result: PruneResult, manifest: Manifest, *, recovery: Any = None,
+                  model_key: Callable[[str], str] = model_output_key, log: Log | None = None) -> Record:
+    """The run's outputs, each claimed in the manifest before it is written and tagged with the record's removals
+    once complete; ``record.json`` last, listing them. Returns the record as written."""
+    from finercut.materialize import save_record_model
+
+    record, output_dir = result.record, result.output_dir
+    key = record.removal_key
+    outputs = [LAYER_MAP_FILE, STEP_SCORES_FILE]
+    manifest.claim(LAYER_MAP_FILE)
+    plot_layer_map(record.removed, record.num_blocks, output_dir / LAYER_MAP_FILE, title=record.title())
+    manifest.finish(LAYER_MAP_FILE, key)
+    manifest.claim(STEP_SCORES_FILE)
+    plot_step_scores([step.to_dict() for step in record.steps], output_dir / STEP_SCORES_FILE, title=record.title())
+    manifest.finish(STEP_SCORES_FILE, key)
+    if record.config.save_model:
+        manifest.claim(MODEL_DIR)
+        report = save_record_model(result.model, record, output_dir / MODEL_DIR, tokenizer=result.tokenizer,
+                                   provenance={"run": str(output_dir)}, recovery=recovery, log=log)
+        result.notes.append(report.format())
+        manifest.finish(MODEL_DIR, model_key(key))
+        outputs.append(MODEL_DIR)
+    record = dataclasses.replace(record, outputs=tuple(outputs))
+    _write_own(manifest, RECORD_FILE, record.to_dict(), for_key=key)
+    return record
+
+
+def _write_own(manifest: Manifest, name: str, data: Any, *, for_key: str | None = None) -> None:
+    """A JSON file of the run, listed in the manifest before it is written."""
+    if name not in manifest.entries:
+        manifest.claim(name)
+    write_json_atomic(manifest.folder / name, data)
+    if for_key is not None or manifest.made_for(name) is not None:
+        manifest.finish(name, for_key)
+
+
+def finished_record(output_dir: Path, state: FolderState, target: int | None, config: RunConfig, *,
+                    model_key: Callable[[str], str] = model_output_key) -> Record | None:
+    """The saved record if the folder already holds exactly this run, finished with every output it lists
+    present and made for its removals (a run killed while its outputs were being rewritten is not finished)."""
+    record_file = output_dir / RECORD_FILE
+    if state.saved_config is None or target is None or len(state.completed) != target or not record_file.exists():
+        return None
+    try:
+        record = Record.from_dict(read_json(record_file), source=record_file)
+    except (RecordError, UserError):
+        return None  # truncated or foreign: the outputs are written again from the finished steps
+    if len(record.steps) != target or record.removed != [step.unit for step in state.completed]:
+        return None
+    manifest = Manifest.read(output_dir)
+    if model_key is not model_output_key and not manifest.present:
+        return None  # a folder of an older finercut cannot say whether its model is the recovered one
+    wanted = list(record.outputs) or ([LAYER_MAP_FILE, STEP_SCORES_FILE] + ([MODEL_DIR] if config.save_model else []))
+    if config.save_model and MODEL_DIR not in wanted:
+        return None
+    for name in wanted:
+        if not (output_dir / name).exists():
+            return None
+        made_for = model_key(record.removal_key) if name == MODEL_DIR else record.removal_key
+        if manifest.present and manifest.made_for(name) != made_for:
+            return None
+    if MODEL_DIR in wanted and not _model_matches(output_dir / MODEL_DIR, record):
+        return None
+    if manifest.present and manifest.made_for(RECORD_FILE) != record.removal_key:
+        return None
+    return record
+
+
+def _model_matches(folder: Path, record: Record) -> bool:
+    """Whether a saved pruned model removed exactly the record's sub-layers (by its config's layout)."""
+    from finercut.candidates import removed_sublayers
+    from finercut.pruned_modeling import LAYOUT_KEY
+
+    try:
+        layout = read_json(folder / "config.json", expect=dict).get(LAYOUT_KEY) or {}
+        saved = {Unit.from_dict(entry) for entry in layout.get("removed", [])}
+    except (UserError, ValueError, KeyError, TypeError):
+        return False
+    return saved == set(removed_sublayers(record.removed))
 
 
 def _steps_meeting(state: FolderState, config: RunConfig, output_dir: Path) -> int | None:
@@ -549,6 +654,7 @@ def _run_budget(model: nn.Module, config: RunConfig, input_ids: torch.Tensor, st
     if costs is None:
         costs = count_run_costs(model, input_ids[:1], macs_context=config.cost_context or config.seq_len)
         costs = world.all_gather(costs)[0]
+        state.cost_model = costs
     budget = Budget(cost_models_of(costs)[config.cost_target], config.cost_fraction)
     try:
         budget.check_reachable(all_units(num_blocks, config.granularity, config.only))
@@ -589,35 +695,3 @@ def check_same_model(state: FolderState, identity: dict, output_dir: Path, log: 
             f"{output_dir} holds steps searched on a different model:\n  " + "\n  ".join(differences)
             + "\nResume with the model the run used, or start over with --overwrite"
         )
-
-
-def save_pruned_model(result: PruneResult, *, num_blocks: int):
-    """Physically remove the found units from the run's model and save it to ``<output>/model``."""
-    from finercut.checkpoint import apply_removal, parameter_stats, save_pruned
-
-    for stale in result.output_dir.glob(f".{MODEL_DIR}.partial-*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    dense_stats = parameter_stats(result.model)
-    apply_removal(result.model, result.removed, num_blocks=num_blocks)
-    return save_pruned(
-        result.model, result.output_dir / MODEL_DIR, tokenizer=result.tokenizer, dense_stats=dense_stats,
-        overwrite=True, provenance={"run": str(result.output_dir), "source_model": result.record["model"]},
-    )
-
-
-def _finished_record(output_dir: Path, state: FolderState, target: int, config: RunConfig) -> dict | None:
-    """The saved record if the folder already holds exactly this run, finished with all its outputs."""
-    record_file = output_dir / RECORD_FILE
-    if state.saved_config is None or len(state.completed) != target or not record_file.exists():
-        return None
-    if config.save_model and not (output_dir / MODEL_DIR).is_dir():
-        return None
-    record = read_json(record_file)
-    return record if len(record["steps"]) == target else None
-
-
-def layer_map_title(record: dict) -> str:
-    reached = record["reached"]
-    method = record["method"] + (f" ({record['metric']})" if record.get("metric") else "")
-    return (f"{record['model']['id']}: {method}, {reached['sublayers']}/{2 * record['model']['num_blocks']} "
-            f"sub-layers removed (ratio {reached['sublayer_ratio']:.1%})")

@@ -12,7 +12,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -121,6 +121,8 @@ class Work:
     """Output-head rows' worth of work in vocabulary-subset bounds (positions x subset tokens / vocabulary)."""
     seconds: dict[str, float] = field(default_factory=lambda: {"blocks": 0.0, "head": 0.0, "distance": 0.0})
     """Wall time in decoder blocks (whole forwards for the naive scorer), in the output head, in distances."""
+    on_block_run: Callable[[int], None] | None = None
+    """Called with the samples of every block run as it starts (a progress bar counting the work)."""
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -239,6 +241,8 @@ class ScoringContext:
             def count(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self.work.block_runs[index] += hidden.shape[0]
+                if self.work.on_block_run is not None:
+                    self.work.on_block_run(hidden.shape[0])
 
             return count
 

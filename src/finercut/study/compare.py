@@ -1,10 +1,10 @@
 """The paper's comparison in one command: prune with each method, evaluate every ratio, write table and plots.
 
-Greedy runs (FinerCut, its block-level ablation), ShortGPT and random removal are prefix-consistent: one run to
-the largest ratio holds every smaller ratio as a prefix, so each is pruned once. DeeperLayers' best run of n
-blocks need not contain the best run of n-1, so it is selected per ratio. Every model is evaluated masked
-(the same stand-in modules a physically pruned model holds); evaluations are cached on disk by the exact set of
-removed sub-layers and the evaluation settings, so reruns and methods that remove the same set reuse them.
+The methods are the ``compare`` entries the registered methods declare (:mod:`finercut.methods`). A method whose
+runs are prefixes of longer ones (greedy and one-shot methods) is pruned once, to its largest ratio; a method that
+selects anew per target (DeeperLayers) is pruned per ratio. Every model is evaluated masked (the same stand-in
+modules a physically pruned model holds); evaluations are cached on disk by the exact set of removed sub-layers
+and the evaluation settings, so reruns and methods that remove the same set reuse them.
 """
 
 from __future__ import annotations
@@ -25,48 +25,35 @@ from finercut.adapters import adapter_for
 from finercut.candidates import Unit, count_units, removed_sublayers, target_count
 from finercut.distances import METRICS
 from finercut.errors import ConfigError
+from finercut.jsonio import read_json, write_json_atomic
+from finercut.methods import CompareEntry, Method, compare_entries, method_named
+from finercut.methods.base import options_from_dict
+from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+from finercut.plots import plot_layer_map, plot_metric_vs_ratio
+from finercut.record import Record, RunConfig, config_differences, read_record, read_run_config, removal_summary
 from finercut.recovery import DEFAULT_NUM_SAMPLES as DEFAULT_RECOVERY_SAMPLES
 from finercut.recovery import DEFAULT_SEQ_LEN as DEFAULT_RECOVERY_SEQ_LEN
 from finercut.recovery import masked_with_replacements, parse_recovery_spec
-from finercut.modelio import load_model, load_tokenizer, resolve_model_source
-from finercut.plots import plot_layer_map, plot_metric_vs_ratio
-from finercut.record import (
-    RunConfig,
-    config_differences,
-    read_json,
-    removal_summary,
-    removed_units,
-    write_json_atomic,
-)
-from finercut.run import layer_map_title, resolve_run_config, run_in_folder
+from finercut.run import resolve_run_config, run_in_folder
+from finercut.study.table import compare_series, recovery_table, results_table
 
 Log = Callable[[str], None]
 
-COMPARE_METHODS: dict[str, dict[str, str]] = {
-    "finercut": {"method": "finercut", "granularity": "sublayer", "label": "FinerCut"},
-    "finercut_block": {"method": "finercut", "granularity": "block", "label": "FinerCut (block-level)"},
-    "shortgpt": {"method": "shortgpt", "granularity": "block", "label": "ShortGPT"},
-    "deeper_layers": {"method": "deeper_layers", "granularity": "block", "label": "DeeperLayers"},
-    "random": {"method": "random", "granularity": "sublayer", "label": "Random sub-layers"},
-    "shapley": {"method": "shapley", "granularity": "sublayer", "label": "Shapley (sub-layers)"},
-    "shapley_block": {"method": "shapley", "granularity": "block", "label": "Shapley (blocks)"},
-    "blockpruner": {"method": "blockpruner", "granularity": "sublayer", "label": "BlockPruner"},
-    "finercut_attention": {"method": "finercut", "granularity": "sublayer", "only": "attention",
-                           "label": "FinerCut (attention only)"},
-    "finercut_ffn": {"method": "finercut", "granularity": "sublayer", "only": "ffn", "label": "FinerCut (FFN only)"},
-}
-"""Methods ``compare`` runs. ``only`` methods count their ratio among that kind's L sub-layers (the study removes
-up to a third of the attention sub-layers, which shrinks the KV cache)."""
-SELECTED_PER_RATIO = {"deeper_layers"}
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "In 1969, the first humans to walk on the Moon",
     "The best way to learn a new programming language is",
 )
-TASK_LABELS = {
-    "boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "arc_easy": "ARC-e",
-    "arc_challenge": "ARC-c", "openbookqa": "OBQA", "mmlu": "MMLU (5-shot)",
-}
+LEGACY_CONFIG_FIELDS = {"shapley_permutations": ("shapley", "permutations"),
+                        "shapley_truncation": ("shapley", "truncation")}
+"""compare.json fields of an older finercut, and the method option each became."""
+
+
+def entry_named(name: str) -> tuple[Method, CompareEntry]:
+    entries = compare_entries()
+    if name not in entries:
+        raise ConfigError(f"unknown methods {[name]}; choose from {', '.join(entries)}")
+    return entries[name]
 
 
 @dataclass(frozen=True)
@@ -99,23 +86,21 @@ class CompareConfig:
     stats_context: int = 2048
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     recoveries: tuple[str, ...] = ()
-    """Recovery variants of every FinerCut model (:func:`finercut.recovery.parse_recovery_spec`: ``bias``,
+    """Recovery variants of every primary entry's model (:func:`finercut.recovery.parse_recovery_spec`: ``bias``,
     ``linear``, ``lowrank64``, each optionally ``-run``), fitted on ``recovery_samples`` windows of
     ``recovery_seq_len`` tokens of the calibration text (the WikiText-2 validation split by default)."""
     recovery_samples: int = DEFAULT_RECOVERY_SAMPLES
     recovery_seq_len: int = DEFAULT_RECOVERY_SEQ_LEN
-    shapley_permutations: int = 10
-    """Random orders of removal the Shapley methods sample (their runs only; see ``finercut.importance``)."""
-    shapley_truncation: float | None = None
-    """Truncation of the Shapley methods' walks, a fraction of the cost of removing every unit (None: none)."""
+    method_options: dict = field(default_factory=dict)
+    """Per method name, its own options (e.g. ``{"shapley": {"permutations": 20}}``) for its runs only."""
     equal_budget: bool = False
-    """Also evaluate FinerCut at the sub-layer count the block methods remove (2 round(r L), e.g. 16 of 60 at
-    25% of 30 blocks, where FinerCut's own round(2 r L) is 15), so the comparison holds at equal budgets."""
+    """Also evaluate primary entries (FinerCut) at the sub-layer count the block methods remove (2 round(r L),
+    e.g. 16 of 60 at 25% of 30 blocks, where FinerCut's own round(2 r L) is 15), so the comparison holds at
+    equal budgets."""
 
     def __post_init__(self) -> None:
-        unknown = [spec for spec in self.methods if split_method(spec, self.ratios)[0] not in COMPARE_METHODS]
-        if unknown:
-            raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(COMPARE_METHODS)}")
+        for spec in self.methods:
+            entry_named(split_method(spec, self.ratios)[0])
         own = [r for spec in self.methods for r in split_method(spec, ())[1]]
         bad = [r for r in (*self.ratios, *own) if not 0.0 <= r < 1.0]
         if bad:
@@ -125,15 +110,17 @@ class CompareConfig:
                               "BlockPruner's perplexity score add blockpruner to the methods")
         for spec in self.recoveries:
             parse_recovery_spec(spec)
-        if self.shapley_permutations < 1:
-            raise ConfigError(f"shapley_permutations must be at least 1, got {self.shapley_permutations}")
-        if self.shapley_truncation is not None and not 0.0 <= self.shapley_truncation < 1.0:
-            raise ConfigError(f"shapley_truncation must be in [0, 1) (a fraction of the cost of removing every "
-                              f"unit), got {self.shapley_truncation}")
-        if (self.recoveries or self.equal_budget) and "finercut" not in [split_method(m, ())[0] for m in self.methods]:
-            raise ConfigError("recoveries and the equal-budget rows apply to FinerCut: add finercut to the methods")
+        for name, options in self.method_options.items():
+            options_from_dict(method_named(name).options, options, name)
+        primary = [entry.name for _, entry in compare_entries().values() if entry.primary]
+        if (self.recoveries or self.equal_budget) and not any(self.entry(spec)[1].primary for spec in self.methods):
+            raise ConfigError(f"recoveries and the equal-budget rows apply to {', '.join(primary)}: add it to the "
+                              "methods")
         if not self.methods or not all(any(r > 0 for r in self.method_ratios(spec)) for spec in self.methods):
             raise ConfigError("compare needs at least one method and one ratio above 0 for each")
+
+    def entry(self, spec: str) -> tuple[Method, CompareEntry]:
+        return entry_named(split_method(spec, ())[0])
 
     def method_ratios(self, spec: str) -> tuple[float, ...]:
         """The ratios above 0 a method entry is evaluated at (its own after ``@``, else ``ratios``), sorted."""
@@ -150,18 +137,34 @@ class CompareConfig:
         return {"recovery": spec, "calibration": self.calibration, "num_samples": self.recovery_samples,
                 "seq_len": self.recovery_seq_len, "seed": self.seed}
 
-    def run_config(self, method: str, ratio: float) -> RunConfig:
-        settings = COMPARE_METHODS[method]
-        # only the Shapley runs take them, so that other methods' saved runs still match their settings
-        shapley = ({"shapley_permutations": self.shapley_permutations, "shapley_truncation": self.shapley_truncation}
-                   if settings["method"] == "shapley" else {})
+    def run_config(self, name: str, ratio: float) -> RunConfig:
+        """The run of compare entry ``name`` at ``ratio``."""
+        method, entry = entry_named(name)
         return RunConfig(
-            model=self.model, dtype=self.dtype, device=self.device, method=settings["method"],
-            granularity=settings["granularity"], only=settings.get("only"), metric=self.metric, ratio=ratio,
+            model=self.model, dtype=self.dtype, device=self.device, method=method.name,
+            granularity=entry.granularity, only=entry.only, metric=self.metric, ratio=ratio,
             data_dir=self.data_dir, calibration=self.calibration,
             num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed, threads=self.threads,
-            save_model=False, **shapley,
+            save_model=False, options=self.method_options.get(method.name),
         )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompareConfig":
+        """``compare.json`` of this or an older finercut (Shapley's settings were fields of their own)."""
+        data = dict(data)
+        options: dict = {name: dict(value) for name, value in (data.pop("method_options", None) or {}).items()}
+        for name in list(data):
+            if name in LEGACY_CONFIG_FIELDS:
+                method, option = LEGACY_CONFIG_FIELDS[name]
+                value = data.pop(name)
+                if value != getattr(method_named(method).options(), option):
+                    options.setdefault(method, {})[option] = value
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values, method_options=options)
 
 
 @dataclass(frozen=True)
@@ -169,13 +172,14 @@ class Variant:
     """One evaluated model: a method at a ratio (ratio 0: the dense model)."""
 
     method: str
+    """The compare entry (``finercut``, ``finercut_block``, ...), or ``dense``."""
     ratio: float
     removed: tuple[Unit, ...]
     summary: dict = field(default_factory=dict)
     recovery: str | None = None
     """A recovery spec (``linear-run``, ...): the removed sub-layers are replaced by maps fitted for them."""
     equal_budget: bool = False
-    """FinerCut at the block methods' sub-layer count for ``ratio`` instead of its own."""
+    """A primary entry at the block methods' sub-layer count for ``ratio`` instead of its own."""
 
     @property
     def sublayers(self) -> list[Unit]:
@@ -190,7 +194,7 @@ class Variant:
     def label(self) -> str:
         if self.method == "dense":
             return "Dense"
-        return COMPARE_METHODS[self.method]["label"] + (f" + {self.recovery}" if self.recovery else "")
+        return entry_named(self.method)[1].label + (f" + {self.recovery}" if self.recovery else "")
 
 
 def split_method(spec: str, ratios: Sequence[float]) -> tuple[str, tuple[float, ...]]:
@@ -218,71 +222,71 @@ def result_key(variant: Variant, settings: dict, recovery: dict | None = None) -
 
 def prune_variants(config: CompareConfig, output_dir: Path, *, progress: bool, log: Log) -> list[Variant]:
     """Run (or reuse) every method's pruning and list the variants to evaluate, dense first."""
-    records: dict[str, dict[float, dict]] = {}
+    records: dict[str, dict[float, Record]] = {}
     for spec in config.methods:
-        method, ratios = split_method(spec, ())[0], config.method_ratios(spec)
-        runs = run_folders(output_dir, method, ratios)
-        records[spec] = {run_ratio: _pruned_record(config, method, run_ratio, folder, progress=progress, log=log)
+        name, ratios = split_method(spec, ())[0], config.method_ratios(spec)
+        runs = run_folders(output_dir, name, ratios)
+        records[spec] = {run_ratio: _pruned_record(config, name, run_ratio, folder, progress=progress, log=log)
                          for run_ratio, folder in runs}
-        if method == "finercut" and config.equal_budget:  # the block methods' count may exceed FinerCut's own
-            num_blocks = records[spec][max(ratios)]["model"]["num_blocks"]
+        if config.entry(spec)[1].primary and config.equal_budget:  # the block methods' count may exceed its own
+            num_blocks = records[spec][max(ratios)].num_blocks
             needed = max(2 * target_count(r, num_blocks) for r in ratios)
-            if len(records[spec][max(ratios)]["removed"]) < needed:
-                records[spec][max(ratios)] = _pruned_record(config, method, max(ratios), runs[0][1], count=needed,
+            if len(records[spec][max(ratios)].steps) < needed:
+                records[spec][max(ratios)] = _pruned_record(config, name, max(ratios), runs[0][1], count=needed,
                                                             progress=progress, log=log)
     return list_variants(config, records)
 
 
-def run_folders(output_dir: Path, method: str, ratios: Sequence[float]) -> list[tuple[float, Path]]:
-    """Where a method's runs live: one per ratio where each is selected anew, else one at the largest ratio."""
-    if method in SELECTED_PER_RATIO:
-        return [(ratio, output_dir / "runs" / f"{method}-r{ratio:g}") for ratio in ratios]
-    return [(max(ratios), output_dir / "runs" / method)]
+def run_folders(output_dir: Path, name: str, ratios: Sequence[float]) -> list[tuple[float, Path]]:
+    """Where an entry's runs live: one per ratio where each is selected anew, else one at the largest ratio."""
+    method, _ = entry_named(name)
+    if not method.prefix_consistent:
+        return [(ratio, output_dir / "runs" / f"{name}-r{ratio:g}") for ratio in ratios]
+    return [(max(ratios), output_dir / "runs" / name)]
 
 
-def list_variants(config: CompareConfig, records: dict[str, dict[float, dict]]) -> list[Variant]:
+def list_variants(config: CompareConfig, records: dict[str, dict[float, Record]]) -> list[Variant]:
     """The variants to evaluate, dense first, from each ``--methods`` entry's records (run ratio -> record; a
     prefix-consistent method has one, at its largest ratio). Entries without records are left out."""
     variants = [Variant("dense", 0.0, ())] if 0.0 in config.ratios else []
     for spec, by_ratio in records.items():
         if not by_ratio:
             continue
-        method = split_method(spec, ())[0]
-        settings = COMPARE_METHODS[method]
-        granularity, only = settings["granularity"], settings.get("only")
+        name = split_method(spec, ())[0]
+        _, entry = entry_named(name)
         for ratio in config.method_ratios(spec):
             record = by_ratio.get(ratio, by_ratio[max(by_ratio)])
-            num_blocks = record["model"]["num_blocks"]
-            counts = [(target_count(ratio, count_units(num_blocks, granularity, only)), False)]
-            if method == "finercut" and config.equal_budget and 2 * target_count(ratio, num_blocks) != counts[0][0]:
+            num_blocks = record.num_blocks
+            counts = [(target_count(ratio, count_units(num_blocks, entry.granularity, entry.only)), False)]
+            if entry.primary and config.equal_budget and 2 * target_count(ratio, num_blocks) != counts[0][0]:
                 counts.append((2 * target_count(ratio, num_blocks), True))
             for count, equal_budget in counts:
-                kept = tuple(removed_units(record)[:count])
-                summary = removal_summary(kept, num_blocks=num_blocks, granularity=granularity)
-                variants.append(Variant(method, ratio, kept, summary, equal_budget=equal_budget))
-                if method == "finercut" and not equal_budget:
-                    variants += [Variant(method, ratio, kept, summary, recovery=recovery)
+                kept = tuple(record.removed[:count])
+                summary = removal_summary(kept, num_blocks=num_blocks, granularity=entry.granularity)
+                variants.append(Variant(name, ratio, kept, summary, equal_budget=equal_budget))
+                if entry.primary and not equal_budget:
+                    variants += [Variant(name, ratio, kept, summary, recovery=recovery)
                                  for recovery in config.recoveries]
     return variants
 
 
-def _pruned_record(config: CompareConfig, method: str, ratio: float, folder: Path, *, progress: bool,
-                   log: Log, count: int | None = None) -> dict:
-    """The record of ``method`` pruned to ``ratio`` (or to ``count`` units) in ``folder``: reused if the folder
+def _pruned_record(config: CompareConfig, name: str, ratio: float, folder: Path, *, progress: bool,
+                   log: Log, count: int | None = None) -> Record:
+    """The record of entry ``name`` pruned to ``ratio`` (or to ``count`` units) in ``folder``: reused if the folder
     already holds the same run taken at least that far (a greedy run holds every shorter one as its prefix), else
     run or extended."""
-    run_config = config.run_config(method, ratio)
+    method, entry = entry_named(name)
+    run_config = config.run_config(name, ratio)
     if count is not None:
         run_config = run_config.replace(ratio=None, count=count)
-    if (folder / "record.json").is_file() and method not in SELECTED_PER_RATIO:
-        saved = RunConfig.from_dict(read_json(folder / "run.json")["config"])
-        record = read_json(folder / "record.json")
-        needed = count or target_count(ratio, count_units(record["model"]["num_blocks"], saved.granularity,
-                                                          saved.only))
-        if not config_differences(saved, resolve_run_config(run_config, saved)) and len(record["removed"]) >= needed:
-            log(f"compare: reusing {method} run in {folder} ({len(record['removed'])} units removed)")
+    if (folder / "record.json").is_file() and method.prefix_consistent:
+        saved = read_run_config(folder / "run.json")
+        record = read_record(folder)
+        needed = count or target_count(ratio, count_units(record.num_blocks, saved.granularity, saved.only))
+        if not config_differences(saved, resolve_run_config(run_config, saved)) and len(record.steps) >= needed:
+            log(f"compare: reusing {name} run in {folder} ({len(record.steps)} units removed)")
             return record
-    log(f"compare: pruning with {method} to " + (f"{count} units" if count else f"ratio {ratio:g}") + f" in {folder}")
+    log(f"compare: pruning with {name} to " + (f"{count} units" if count else f"ratio {ratio:g}") + f" in {folder}")
     return run_in_folder(run_config, folder, progress=progress, log=log).record
 
 
@@ -371,14 +375,22 @@ def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | 
     Returns:
         The report's path (None for a shard).
     """
+    from finercut.calibration import resolve_data_dir, resolve_source
+    from finercut.run import check_output_location
+
     output_dir = Path(output_dir).expanduser().resolve()
+    check_output_location(output_dir)  # refused before anything is written: the folder, the model, the data
+    resolve_model_source(config.model)
+    resolve_source(config.calibration, resolve_data_dir(config.data_dir))
+    if report is not None:
+        check_output_location(Path(report).expanduser().resolve().parent)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / "compare.json", dataclasses.asdict(config))
+    write_json_atomic(output_dir / "compare.json", config.to_dict())
     started = time.perf_counter()
     variants = prune_variants(config, output_dir, progress=progress, log=log)
 
     first_run = next(iter(sorted((output_dir / "runs").glob("*/run.json"))))
-    run = RunConfig.from_dict(read_json(first_run)["config"])
+    run = read_run_config(first_run)
     torch.set_num_threads(config.eval_threads or run.threads)
     source = resolve_model_source(run.model, run.revision)
     tokenizer = load_tokenizer(source)
@@ -394,12 +406,12 @@ def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | 
 
     report_path = Path(report) if report else output_dir / "results.md"
     figures = _figures(variants, results, report_path.parent / "figures", output_dir)
-    first_record = read_json(first_run.parent / "record.json")
-    calibration = first_record["calibration"]["description"]
+    first_record = read_record(first_run.parent)
+    calibration = first_record.calibration["description"]
     if run.data_dir and config.data_dir:  # the data folder as the command gave it, not this machine's absolute path
         calibration = calibration.replace(run.data_dir, config.data_dir)
     text = format_report(config, variants, results, stats_rows, samples, figures, report_path.parent,
-                         model_info=model_info, run=run, num_blocks=first_record["model"]["num_blocks"],
+                         model_info=model_info, run=run, num_blocks=first_record.num_blocks,
                          calibration=calibration, command=command,
                          wall_seconds=time.perf_counter() - started)
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -437,8 +449,6 @@ def _stats_and_samples(model, tokenizer, variants: Sequence[Variant], config: Co
 
 
 def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str, Path]:
-    from finercut.report import compare_series
-
     accuracy, perplexity = compare_series(variants, results)
     figures = {
         "accuracy": plot_metric_vs_ratio(accuracy, figures_dir / "compare_accuracy.png",
@@ -448,12 +458,12 @@ def _figures(variants, results, figures_dir: Path, output_dir: Path) -> dict[str
                                            log_y=True),
     }
     for variant in variants:
-        if variant.method == "finercut" and variant.removed and variant.plain:
-            record = read_json(output_dir / "runs" / "finercut" / "record.json")
-            path = figures_dir / f"layer_map_finercut_r{variant.ratio:g}.png"
-            prefix = {**record, "reached": variant.summary}
-            figures[f"layer_map_{variant.ratio:g}"] = plot_layer_map(
-                list(variant.removed), record["model"]["num_blocks"], path, title=layer_map_title(prefix))
+        if variant.method != "dense" and entry_named(variant.method)[1].primary and variant.removed and variant.plain:
+            record = read_record(output_dir / "runs" / variant.method).prefix(len(variant.removed))
+            path = figures_dir / f"layer_map_{variant.method}_r{variant.ratio:g}.png"
+            key = "layer_map" if variant.method == "finercut" else f"layer_map_{variant.method}"
+            figures[f"{key}_{variant.ratio:g}"] = plot_layer_map(list(variant.removed), record.num_blocks, path,
+                                                                 title=record.title())
     return figures
 
 
@@ -466,79 +476,13 @@ def _variant_label(variant: Variant) -> str:
     return variant.label if variant.method == "dense" else f"{variant.label} {variant.ratio:.0%}"
 
 
-def net_removed_parameters(result: dict) -> str:
-    """Share of the dense model's parameters a variant removes, net of its replacements' parameters ('–' for a
-    result saved without the counts)."""
-    parameters = result.get("parameters")
-    if parameters is None:
-        return "–"
-    return f"{(parameters['removed'] - result.get('fit', {}).get('extra_parameters', 0)) / parameters['dense']:.1%}"
-
-
-def _results_table(variants, results, tasks: list[str], *, headline: bool) -> list[str]:
-    """Table-1-style rows: per variant, each task's accuracy ± stderr, the average and both perplexities."""
-    lines = [
-        "| method | target | reached | sub-layers | params removed | "
-        + " | ".join(TASK_LABELS.get(t, t) for t in tasks)
-        + " | average | ppl (a) | word ppl (b) |",
-        "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
-    ]
-    for variant, result in zip(variants, results):
-        stages = result["stages"]
-        scores = stages["tasks"]["scores"]
-        cells = []
-        for task in tasks:
-            score = scores[task]
-            metric = "acc_norm" if headline and score["acc_norm"] is not None else "acc"
-            cells.append(_pct(score[metric], score[f"{metric}_stderr"]))
-        average = stages["tasks"]["average" if headline else "average_acc"]
-        reached = variant.summary.get("sublayer_ratio", 0.0)
-        lines.append(
-            f"| {variant.label} | {variant.ratio:.0%} | {reached:.1%} | {len(variant.sublayers)} "
-            f"| {net_removed_parameters(result)} | " + " | ".join(cells)
-            + f" | {_pct(average)} | {stages['windowed_perplexity']['ppl']:.2f} "
-            f"| {stages['lm_eval_wikitext']['word_perplexity']:.2f} |"
-        )
-    return lines
-
-
-def _recovery_table(variants, results) -> list[str]:
-    """Per recovered variant: the fit's cost and how much of the perplexity gap to the dense model it closes."""
-    by_removal = {(v.method, tuple(v.sublayers)): r for v, r in zip(variants, results) if v.plain}
-    dense = next((r for v, r in zip(variants, results) if v.method == "dense"), None)
-    rows = []
-    for variant, result in zip(variants, results):
-        plain = by_removal.get((variant.method, tuple(variant.sublayers)))
-        if not variant.recovery or plain is None:
-            continue
-        before, after = (r["stages"]["windowed_perplexity"]["ppl"] for r in (plain, result))
-        gap = None if dense is None else before - dense["stages"]["windowed_perplexity"]["ppl"]
-        closed = "–" if not gap else f"{(before - after) / gap:.0%}"
-        fit = result["fit"]
-        rows.append(f"| {variant.label} | {variant.ratio:.0%} | {before:.2f} | {after:.2f} | {closed} "
-                    f"| {fit['extra_parameters'] / result['parameters']['dense']:.2%} | {fit['seconds']:.1f} s |")
-    if not rows:
-        return []
-    return ["", "Recovery without fine-tuning: perplexity (a) without and with the fitted replacements, the part of "
-            "the gap to the dense model they close, their parameters (of the dense model's) and the fit's time on "
-            "this machine (closed form, one pass over the calibration tokens):", "",
-            "| method | target | ppl (a) without | with | gap closed | extra parameters | fit |",
-            "|---|---|---|---|---|---|---|", *rows]
-
-
-def _pct(value: float | None, stderr: float | None = None) -> str:
-    if value is None:
-        return "–"
-    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
-
-
 def format_report(config, variants, results, stats_rows, samples, figures, report_dir: Path, *, model_info, run,
                   num_blocks: int, calibration: str, command: str, wall_seconds: float) -> str:
     """The Markdown report: setup, Table-1-style results, figures, Table-3-style statistics, text samples."""
     import lm_eval
     import transformers
 
-    from finercut import __version__
+    from finercut.version import __version__
 
     tasks = list(config.tasks)
     lines = [
@@ -575,13 +519,18 @@ def format_report(config, variants, results, stats_rows, samples, figures, repor
         "standard error; the average is over the tasks shown. The ratio reached counts removed sub-layers / 2L "
         "(a removed block counts 2). Plain `acc` for every task follows in the second table.",
         "",
-        *_results_table(variants, results, tasks, headline=True),
+        *results_table(variants, results, tasks, headline=True).markdown(),
         "",
         "Plain `acc` (no length normalisation):",
         "",
-        *_results_table(variants, results, tasks, headline=False),
+        *results_table(variants, results, tasks, headline=False).markdown(),
     ]
-    lines += _recovery_table(variants, results)
+    recovered = recovery_table(variants, results)
+    if recovered is not None:
+        lines += ["", "Recovery without fine-tuning: perplexity (a) without and with the fitted replacements, the "
+                  "part of the gap to the dense model they close, their parameters (of the dense model's) and the "
+                  "fit's time on this machine (closed form, one pass over the calibration tokens):", "",
+                  *recovered.markdown()]
     lines += ["", "## Figures", ""]
     for name, path in figures.items():
         lines.append(f"![{name}]({path.relative_to(report_dir).as_posix()})")

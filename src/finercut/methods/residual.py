@@ -1,22 +1,16 @@
-"""Baselines in FinerCut's record format: ShortGPT, DeeperLayers (Gromov et al.) and random removal.
-
-FinerCut's block-level ablation is not here: it is the greedy search with ``granularity="block"``.
-Each baseline returns :class:`~finercut.search.Step` s, so records, plots, pruned models and evaluation treat
-every method alike. Their scores are local (block input vs. output), computed on the original model only.
+"""The residual stream's local scores of ShortGPT and Gromov et al.'s "deeper layers", from one pass of the original
+model: how little each block changes its input (Block Influence), and how close the stream's last-position states
+are across a run of blocks. Computed on the original model only.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import time
 from typing import Sequence
 
 import torch
 
-from finercut.candidates import BLOCK, Unit, all_units
 from finercut.scoring import ScoringContext, run_block
-from finercut.search import Step
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,46 +80,3 @@ def residual_summary(context: ScoringContext) -> tuple[list[float], list[torch.T
         positions += batch.input_ids.numel()
     influences = [1.0 - total / positions for total in cosine_sums]
     return influences, [torch.cat(states) for states in last_tokens]
-
-
-def _steps_in_order(order: Sequence[Unit], scores: dict[Unit, float | None], seconds: float,
-                    executions: int) -> list[Step]:
-    """One-shot methods as steps: every step carries the same candidate scores; costs are booked on step 0."""
-    candidates = tuple(scores.items())
-    return [
-        Step(index=k, unit=unit, distance=scores.get(unit), candidates=candidates, window_first_block=0,
-             block_executions=executions if k == 0 else 0, seconds=seconds if k == 0 else 0.0)
-        for k, unit in enumerate(order)
-    ]
-
-
-def shortgpt_steps(context: ScoringContext, *, count: int) -> list[Step]:
-    """ShortGPT: remove the ``count`` blocks of lowest Block Influence, lowest first (earliest on ties)."""
-    started, executions_before = time.perf_counter(), context.block_executions
-    influences, _ = residual_summary(context)
-    scores = {Unit(i, BLOCK): influence for i, influence in enumerate(influences)}
-    order = sorted(scores, key=lambda unit: (scores[unit], unit.block))[:count]
-    return _steps_in_order(order, scores, time.perf_counter() - started, context.block_executions - executions_before)
-
-
-def deeper_layers_steps(context: ScoringContext, *, count: int) -> list[Step]:
-    """DeeperLayers: remove the ``count`` consecutive blocks whose input and output are closest.
-
-    Candidate scores are keyed by the run's first block. Unlike greedy removal, the best run of n blocks need
-    not contain the best run of n-1, so each target is a separate selection.
-    """
-    started, executions_before = time.perf_counter(), context.block_executions
-    _, last_tokens = residual_summary(context)
-    start, distances = best_contiguous_run(last_tokens, count)
-    scores = {Unit(s, BLOCK): d for s, d in enumerate(distances)}
-    order = [Unit(b, BLOCK) for b in range(start, start + count)]
-    steps = _steps_in_order(order, scores, time.perf_counter() - started, context.block_executions - executions_before)
-    return [Step(step.index, step.unit, distances[start], step.candidates, 0, step.block_executions, step.seconds)
-            for step in steps]
-
-
-def random_steps(num_blocks: int, *, granularity: str, count: int, seed: int, only: str | None = None) -> list[Step]:
-    """Uniformly random units: the first ``count`` of a seeded shuffle, so smaller counts are prefixes."""
-    order = all_units(num_blocks, granularity, only)
-    random.Random(seed).shuffle(order)
-    return _steps_in_order(order[:count], {}, 0.0, 0)

@@ -23,8 +23,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from finercut.candidates import Unit  # noqa: E402
 from finercut.errors import MissingFileError  # noqa: E402
+from finercut.jsonio import read_json  # noqa: E402
 from finercut.plots import ATTENTION_COLOR, FFN_COLOR, plot_layer_map, plot_metric_vs_ratio  # noqa: E402
-from finercut.record import read_json, removed_units  # noqa: E402
+from finercut.record import Record, read_record  # noqa: E402
+from finercut.study.table import compare_series, results_table  # noqa: E402
 
 KIND_COLORS = {"attention": ATTENTION_COLOR, "ffn": FFN_COLOR, "block": "#7570b3"}
 STYLE = """
@@ -139,9 +141,9 @@ def step_distance_figure(steps: Sequence[dict[str, Any]], *, log_y: bool = True)
     return png_data_uri(fig)
 
 
-def cost_trajectory(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+def cost_trajectory(record: Record) -> list[dict[str, Any]] | None:
     """The record's cost per step (``cost_trajectory``: one dict of fractions per step), if it has one."""
-    trajectory = record.get("cost_trajectory") or record.get("costs")
+    trajectory = record.cost_trajectory or record.extras.get("costs")
     return trajectory if isinstance(trajectory, list) and trajectory else None
 
 
@@ -167,13 +169,13 @@ def drawn_png_uri(draw: Callable[[Path], Any]) -> str:
         return file_data_uri(path)
 
 
-def layer_map_uri(record: dict[str, Any], folder: Path | None, *, title: str) -> str:
-    """The run's layer map: its own ``layer_map.png`` if there is one, else drawn from the record."""
+def layer_map_uri(record: Record, folder: Path | None, *, title: str) -> str:
+    """The run's layer map: its own ``layer_map.png`` if there is one made for these removals, else drawn from
+    the record."""
     saved = folder / "layer_map.png" if folder is not None else None
-    if saved is not None and saved.is_file():
+    if saved is not None and saved.is_file() and (not record.outputs or "layer_map.png" in record.outputs):
         return file_data_uri(saved)
-    return drawn_png_uri(lambda path: plot_layer_map(removed_units(record), record["model"]["num_blocks"], path,
-                                                     title=title))
+    return drawn_png_uri(lambda path: plot_layer_map(record.removed, record.num_blocks, path, title=title))
 
 
 def metric_figure_uri(series: dict[str, list[tuple[float, float]]], *, ylabel: str, title: str,
@@ -215,29 +217,28 @@ def facts(items: Sequence[tuple[str, str]]) -> str:
 # A run
 
 
-def run_sections(record: dict[str, Any], folder: Path | None, *, heading: str = "") -> list[str]:
+def run_sections(record: Record, folder: Path | None, *, heading: str = "") -> list[str]:
     """The sections of one run: summary, layer map, step distances, cost trajectory, steps table."""
-    from finercut.run import layer_map_title
-
-    reached = record["reached"]
-    model = record["model"]
+    reached = record.reached
+    model = record.model
     prefix = f"{heading}: " if heading else ""
+    steps = [step.to_dict() for step in record.steps]
     sections = [
         f"<h2>{html.escape(prefix)}Summary</h2>",
         facts([
-            ("model", f"{model.get('id')} ({model.get('architecture')}, {model['num_blocks']} blocks)"),
-            ("method", f"{record['method']}" + (f", metric {record['metric']}" if record.get("metric") else "")
-             + f", granularity {record['granularity']}"),
+            ("model", f"{model.get('id')} ({model.get('architecture')}, {record.num_blocks} blocks)"),
+            ("method", f"{record.method}" + (f", metric {record.metric}" if record.metric else "")
+             + f", granularity {record.granularity}"),
             ("removed", f"{reached['count']} units = {reached['sublayers']} sub-layers ({reached['attention']} "
                         f"attention, {reached['ffn']} FFN; {reached['whole_blocks']} whole blocks); "
                         f"sub-layer ratio {reached['sublayer_ratio']:.1%}"),
-            ("calibration", str(record.get("calibration", {}).get("description", "–"))),
+            ("calibration", str(record.calibration.get("description", "–"))),
         ]),
         f"<h2>{html.escape(prefix)}Layer map</h2>",
-        image(layer_map_uri(record, folder, title=layer_map_title(record)), "layer map"),
+        image(layer_map_uri(record, folder, title=record.title()), "layer map"),
     ]
-    distances = step_distance_figure(record["steps"])
-    bounds = sum(p["bound"] for p in step_points(record["steps"]))
+    distances = step_distance_figure(steps)
+    bounds = sum(p["bound"] for p in step_points(steps))
     sections.append(f"<h2>{html.escape(prefix)}Distances per step</h2>")
     if distances:
         sections.append(image(distances, "candidate distances per step"))
@@ -246,20 +247,43 @@ def run_sections(record: dict[str, Any], folder: Path | None, *, heading: str = 
                         "candidate could no longer be the least), drawn as open triangles.</p>")
     else:
         sections.append('<p class="note">This method scores no candidates (random removal).</p>')
+    gains = record.extras.get("gains")
+    if gains:
+        sections.append(f"<h2>{html.escape(prefix)}What was gained</h2>")
+        sections.append(table(*gains_table(gains), table_id="gains"))
     trajectory = cost_trajectory(record)
     sections.append(f"<h2>{html.escape(prefix)}Cost trajectory</h2>")
     sections.append(image(cost_figure(trajectory), "cost trajectory") if trajectory else
                     '<p class="note">The record holds no cost trajectory (a run with a sub-layer count target).</p>')
     sections.append(f"<h2>{html.escape(prefix)}Steps</h2>")
-    sections.append(table(STEP_COLUMNS, step_rows(record["steps"]), text_columns=2, table_id="steps"))
+    sections.append(table(STEP_COLUMNS, step_rows(steps), text_columns=2, table_id="steps"))
     return sections
+
+
+def gains_table(gains: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The paper's Table 3 for one run: parameters, MACs, KV cache per token and measured latency, before and
+    after, and the share kept."""
+    def row(label: str, entry: dict, text) -> list[str]:
+        share = f"{entry['after'] / entry['before']:.1%}" if entry["before"] else "–"
+        return [label, text(entry["before"]), text(entry["after"]), share]
+
+    latency = gains["latency"]
+    shape = "x".join(str(n) for n in latency["input_shape"])
+    rows = [
+        row("parameters", gains["params"], lambda v: f"{v / 1e6:.1f} M"),
+        row(f"MACs @ {gains['context_length']} tokens", gains["macs"], lambda v: f"{v / 1e9:.2f} G"),
+        row("KV cache per token", gains["kv_cache"], lambda v: f"{v / 1024:.1f} KiB"),
+        row(f"forward latency ({shape} tokens, {latency['device']}, {latency['threads']} threads, median of "
+            f"{latency['repeats']} side by side)", latency, lambda v: f"{v * 1e3:.1f} ms"),
+    ]
+    return ["", "before", "after", "after / before"], rows
 
 
 def run_page(folder_or_record: Path) -> str:
     path = Path(folder_or_record)
     folder = path if path.is_dir() else None
-    record = read_json(path / "record.json" if folder else path)
-    return page(f"finercut run: {record['model'].get('id')}", run_sections(record, folder))
+    record = read_record(path)
+    return page(f"finercut run: {record.model.get('id')}", run_sections(record, folder))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,82 +293,31 @@ def run_page(folder_or_record: Path) -> str:
 def compare_variants(folder: Path) -> tuple[Any, list[Any], list[dict[str, Any] | None]]:
     """The compare folder's config, its variants (as ``finercut compare`` forms them, read only) and each one's
     saved evaluation (None where it was not run yet)."""
-    from finercut.compare import CompareConfig, list_variants, result_key, run_folders, split_method
+    from finercut.study.compare import CompareConfig, list_variants, result_key, run_folders, split_method
 
-    saved = read_json(folder / "compare.json")
-    known = {f for f in CompareConfig.__dataclass_fields__}
-    config = CompareConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
-    records: dict[str, dict[float, dict]] = {}
+    config = CompareConfig.from_dict(read_json(folder / "compare.json", expect=dict, what="compare settings"))
+    records: dict[str, dict[float, Record]] = {}
     for spec in config.methods:
         runs = run_folders(folder, split_method(spec, ())[0], config.method_ratios(spec))
-        records[spec] = {r: read_json(run / "record.json") for r, run in runs if (run / "record.json").is_file()}
+        records[spec] = {r: read_record(run) for r, run in runs if (run / "record.json").is_file()}
     variants = list_variants(config, records)
     settings = config.evaluation_settings()
     results = []
     for variant in variants:
         recovery = config.recovery_settings(variant.recovery) if variant.recovery else None
         path = folder / "results" / f"{result_key(variant, settings, recovery)}.json"
-        results.append(read_json(path) if path.is_file() else None)
+        results.append(read_json(path, expect=dict, what="evaluation result") if path.is_file() else None)
     return config, variants, results
 
 
-def results_rows(config: Any, variants: Sequence[Any], results: Sequence[dict | None]) -> list[list[str]]:
-    """Per variant: method, target, reached, sub-layers removed, each task's accuracy (%), average, perplexities;
-    '–' where missing."""
-    from finercut.compare import net_removed_parameters
-
-    rows = []
-    for variant, result in zip(variants, results):
-        stages = (result or {}).get("stages", {})
-        scores = stages.get("tasks", {}).get("scores", {})
-        cells = []
-        for task in config.tasks:
-            score = scores.get(task) or {}
-            value = score.get("acc_norm") if score.get("acc_norm") is not None else score.get("acc")
-            cells.append("–" if value is None else f"{100 * value:.1f}")
-        average = stages.get("tasks", {}).get("average")
-        ppl = stages.get("windowed_perplexity", {}).get("ppl")
-        word = stages.get("lm_eval_wikitext", {}).get("word_perplexity")
-        rows.append([variant.label, f"{variant.ratio:.0%}", f"{variant.summary.get('sublayer_ratio', 0.0):.1%}",
-                     str(len(variant.sublayers)), net_removed_parameters(result or {}), *cells,
-                     "–" if average is None else f"{100 * average:.1f}", "–" if ppl is None else f"{ppl:.2f}",
-                     "–" if word is None else f"{word:.2f}"])
-    return rows
-
-
-def compare_series(variants, results) -> tuple[dict, dict]:
-    """Accuracy and perplexity against the ratio reached, per method (dense as every method's ratio 0)."""
-    accuracy: dict[str, list] = {}
-    perplexity: dict[str, list] = {}
-    dense = next((r for v, r in zip(variants, results) if v.method == "dense" and r), None)
-    for variant, result in zip(variants, results):
-        if variant.method == "dense" or not result:
-            continue
-        label, stages = variant.label, result["stages"]
-        ratio = variant.summary["sublayer_ratio"]
-        if "tasks" in stages:
-            accuracy.setdefault(label, []).append((ratio, 100 * stages["tasks"]["average"]))
-        if "windowed_perplexity" in stages:
-            perplexity.setdefault(label, []).append((ratio, stages["windowed_perplexity"]["ppl"]))
-    if dense:
-        for label in accuracy:
-            accuracy[label].append((0.0, 100 * dense["stages"]["tasks"]["average"]))
-        for label in perplexity:
-            perplexity[label].append((0.0, dense["stages"]["windowed_perplexity"]["ppl"]))
-    return accuracy, perplexity
-
-
 def compare_page(folder: Path) -> str:
-    from finercut.compare import TASK_LABELS
+    from finercut.study.compare import entry_named
 
     config, variants, results = compare_variants(folder)
-    header = ["method", "target", "reached", "sub-layers", "params removed",
-              *(TASK_LABELS.get(t, t) for t in config.tasks), "average",
-              "ppl (a)", "word ppl (b)"]
     missing = sum(r is None for r in results)
     sections = [
         "<h2>Results</h2>",
-        table(header, results_rows(config, variants, results), table_id="results"),
+        results_table(variants, results, config.tasks).html(table_id="results"),
         '<p class="note">Accuracy (%) is acc_norm where lm-eval reports it, else acc; ppl (a) is WikiText-2 '
         "windowed perplexity, (b) lm-eval's word perplexity. The ratio reached counts removed sub-layers / 2L."
         + (f" {missing} of {len(results)} variants have no saved evaluation yet (–)." if missing else "") + "</p>",
@@ -359,9 +332,12 @@ def compare_page(folder: Path) -> str:
                                                title="WikiText-2 perplexity", log_y=True), "perplexity"))
     if figures:
         sections.append('<div class="figures">' + "".join(figures) + "</div>")
-    finercut_run = folder / "runs" / "finercut"
-    if (finercut_run / "record.json").is_file():
-        sections += run_sections(read_json(finercut_run / "record.json"), finercut_run, heading="FinerCut run")
+    for spec in config.methods:
+        name = spec.partition("@")[0]
+        _, entry = entry_named(name)
+        run = folder / "runs" / name
+        if entry.primary and (run / "record.json").is_file():
+            sections += run_sections(read_record(run), run, heading=f"{entry.label} run")
     return page(f"finercut compare: {config.model or 'default model'}", sections)
 
 

@@ -19,8 +19,12 @@ import torch
 
 from finercut.candidates import Unit
 from finercut.masking import masked
+from finercut.methods.base import GREEDY, PERPLEXITY, PERPLEXITY_METRIC, CompareEntry, Method, Selecting
+from finercut.methods.greedy import run_greedy, scorer_options
 from finercut.placement import input_device
+from finercut.scoring import describe_scoring
 from finercut.scoring.context import ScoringContext, check_finite
+from finercut.search import CandidateScore, Step
 
 
 def mean_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
@@ -98,8 +102,6 @@ class NaivePerplexityScorer:
     def score(self, removed: Sequence[Unit], candidates: Sequence[Unit], *, previous: Sequence = (),
               on_candidate: Callable[[Unit, float], None] | None = None, **_: Any) -> list:
         """Every candidate's perplexity, in the order of ``candidates`` (all scored completely)."""
-        from finercut.search import CandidateScore
-
         scores = []
         for unit in candidates:
             perplexity = check_finite(self.plain_perplexity([*removed, unit]), unit, self.model.dtype)
@@ -131,3 +133,23 @@ def perplexity_scorer(context: ScoringContext, *, scorer: str = "fast", exhausti
     from finercut.scoring.replay import FastScorer
 
     return FastScorer(context, exhaustive=exhaustive, objective=PerplexityObjective(context), **options)
+
+
+class BlockPruner(Method):
+    name = "blockpruner"
+    label = "BlockPruner"
+    description = "BlockPruner: greedy by calibration perplexity, every block a candidate (= --metric ppl)"
+    objective = PERPLEXITY
+    selection = GREEDY
+    scorer_options = True
+    metric_alias = PERPLEXITY_METRIC
+    compare_entries = (CompareEntry("blockpruner", "BlockPruner", "sublayer"),)
+
+    def select(self, request: Selecting) -> list[Step]:
+        config = request.config
+        options = scorer_options(config)
+        scorer = perplexity_scorer(request.context, scorer=config.scorer, exhaustive=config.exhaustive, **options)
+        request.extras["scoring"] = describe_scoring(request.context, scorer=config.scorer,
+                                                     exhaustive=config.exhaustive, objective=PERPLEXITY_METRIC,
+                                                     **options)
+        return run_greedy(request, scorer, window_first_block=0)  # every block a candidate
