@@ -7,10 +7,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -168,7 +169,12 @@ def identity_differences(saved: dict, current: dict) -> list[str]:
 
 
 def converted_gguf_folder(gguf_path: Path) -> Path:
-    """A safetensors folder of the dequantized GGUF model, converted once and cached by the file's hash."""
+    """A safetensors folder of the dequantized GGUF model, converted once and cached by the file's hash.
+
+    Concurrent conversions of the same file each write their own staging folder and the first to finish
+    publishes it; a conversion that was killed leaves its staging folder behind, and the next conversion on this
+    machine removes it (:func:`remove_dead_staging`).
+    """
     folder = cache_root() / "gguf" / file_sha256(gguf_path)[:24]
     if (folder / "config.json").is_file():
         return folder
@@ -183,15 +189,109 @@ def converted_gguf_folder(gguf_path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(folder)
+
+    return publish_folder_once(folder, write, complete_file="config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing a cache folder once: staging folders named by their writer, so that the dead ones can be told apart
+
+STAGING_PREFIX = ".converting-"
+
+
+def staging_prefix() -> str:
+    """Start of this process's staging folder names: ``.converting-<pid>@<host>-``."""
+    return f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+
+
+def staging_owner(name: str) -> tuple[int, str] | None:
+    """``(pid, host)`` of the process that named a staging folder ``name``; None for any other name."""
+    if not name.startswith(STAGING_PREFIX):
+        return None
+    pid, at, rest = name[len(STAGING_PREFIX):].partition("@")
+    host, dash, _ = rest.rpartition("-")
+    if not (at and dash and host and pid.isdigit() and int(pid) > 0):
+        return None
+    return int(pid), host
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders in ``parent`` left by processes of this machine that no longer run.
+
+    A folder is removed only when its name says this host and its process id is not alive. A live writer
+    (of any user) is never touched; neither is a folder of another host sharing the cache, nor one with a name
+    finercut did not give. A dead writer whose process id was reused keeps its folder until the id is free again.
+
+    Returns:
+        The folders removed.
+    """
+    host = socket.gethostname()
+    removed = []
+    for path in parent.glob(f"{STAGING_PREFIX}*"):
+        owner = staging_owner(path.name)
+        if owner is None or owner[1] != host or process_alive(owner[0]) or not path.is_dir():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def publish_folder_once(folder: Path, write: Callable[[Path], None], *, complete_file: str) -> Path:
+    """Create ``folder`` by ``write(staging)`` into a staging folder renamed into place when complete.
+
+    Readers see no folder or a complete one. When another process publishes the same folder first, this one's
+    copy is discarded and ``folder`` returned all the same. Files get the permissions the umask allows (not the
+    ``0600`` some writers use for their temporary files), so a cache shared by several users stays readable.
+
+    Args:
+        complete_file: a file every complete folder holds; a ``folder`` without it is damaged.
+    """
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(parent)
+    staging = parent / f"{staging_prefix()}{uuid.uuid4().hex[:8]}"
+    staging.mkdir(mode=0o777)  # the umask applies, as to any new folder
+    try:
+        write(staging)
+        _apply_umask_to_files(staging)
+        try:
+            staging.rename(folder)
+        except OSError as error:
+            if not (folder / complete_file).is_file():
+                raise ModelLoadError(
+                    f"cannot put the converted model in place at {folder} ({error.strerror or error}); if that "
+                    "folder exists, it is damaged: delete it and run again"
+                ) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _apply_umask_to_files(folder: Path) -> None:
+    """Give every file in ``folder`` the mode a new file gets here (``0666`` less the umask, as the kernel applies
+    it: a probe file is created to learn it, without changing the process's umask)."""
+    probe = folder / f".mode-probe-{uuid.uuid4().hex[:8]}"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def pretrained_location(source: ModelSource) -> str:
