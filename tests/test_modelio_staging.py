@@ -203,7 +203,7 @@ class FakePretrained:
         (Path(folder) / self.file).write_text("{}")
 
 
-def test_converted_gguf_folder_converts_once_and_sweeps_dead_staging(tmp_path, monkeypatch):
+def test_converted_gguf_folder_converts_once_without_remote_code_and_sweeps_dead_staging(tmp_path, monkeypatch):
     import transformers
 
     def fake_loader(file):
@@ -225,5 +225,6 @@ def test_converted_gguf_folder_converts_once_and_sweeps_dead_staging(tmp_path, m
     assert folder == tmp_path / "cache" / "gguf" / modelio.file_sha256(gguf)[:24]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]
     assert not stale.exists()
+    assert [load["trust_remote_code"] for load in FakePretrained.loads] == [False, False]
     assert modelio.converted_gguf_folder(gguf) == folder
     assert len(FakePretrained.loads) == 2, "a cached conversion is not redone"

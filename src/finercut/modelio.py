@@ -181,8 +181,10 @@ def converted_gguf_folder(gguf_path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     except Exception as error:
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {error}") from error
     # The weights are already plain dequantized tensors; the quantizer only blocks save_pretrained.
@@ -299,15 +301,141 @@ def pretrained_location(source: ModelSource) -> str:
     return str(converted_gguf_folder(Path(source.location))) if source.kind == "gguf" else source.location
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Remote code: finercut never runs code that ships with a model. Every load says trust_remote_code=False (without
+# it, transformers asks "Do you wish to run the custom code? [y/N]" on a terminal), and a folder that cannot load
+# without its own code is refused up front with a message instead of transformers' multi-line ValueError.
+
+NO_FOREIGN_CODE = "finercut does not run code that comes with a model"
+
+
+class RemoteCodeError(ModelLoadError):
+    """The model or its tokenizer can only be built by running code shipped with it, which finercut never does."""
+
+
+def auto_map_files(auto_map: Any) -> list[str]:
+    """The code files an ``auto_map`` points at (``{"AutoConfig": "configuration_x.XConfig", ...}`` ->
+    ``["configuration_x.py"]``; a ``repo--module.Class`` reference and ``[slow, fast]`` pairs included)."""
+    values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    references = [ref for value in values for ref in (value if isinstance(value, (list, tuple)) else [value])]
+    return sorted({f"{ref.split('--')[-1].rpartition('.')[0]}.py" for ref in references if isinstance(ref, str)})
+
+
+def model_code_refusal(config: dict) -> str | None:
+    """Why a ``config.json`` (as a dict) describes a model only its own code can build; None if transformers can.
+
+    That is the case when the config has an ``auto_map`` and a model type ``transformers`` does not know. (With a
+    known model type the ``auto_map`` is ignored: ``trust_remote_code=False`` builds transformers' own class.)
+    A finercut pruned folder is such a folder too: it loads through :func:`finercut.load_pruned`.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from finercut.pruned_modeling import LAYOUT_KEY
+
+    model_type = config.get("model_type")
+    if "auto_map" not in config or model_type in CONFIG_MAPPING:
+        return None
+    if LAYOUT_KEY in config:
+        return (
+            f"it is a model pruned by finercut (model type {model_type!r}); this needs the dense model it came from "
+            "(finercut eval and finercut export take a pruned folder, and finercut.load_pruned loads it)"
+        )
+    from finercut.adapters import supported_model_types
+
+    return (
+        f"its config.json has model type {model_type!r}, which transformers does not know, and an auto_map to the "
+        f"model's own code ({', '.join(auto_map_files(config['auto_map']))}); {NO_FOREIGN_CODE}. "
+        f"Supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+def tokenizer_code_refusal(tokenizer_config: dict) -> str | None:
+    """Why a ``tokenizer_config.json`` (as a dict) needs the tokenizer's own code; None if transformers has it.
+
+    That is the case when its ``auto_map`` names an ``AutoTokenizer`` and its ``tokenizer_class`` is missing or
+    not a class ``transformers`` provides. (transformers would fall back to a generic tokenizer there, whose
+    token ids can differ from those of the tokenizer the folder declares.)
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    auto_map = tokenizer_config.get("auto_map")
+    code = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    if not code:
+        return None
+    name = tokenizer_config.get("tokenizer_class")
+    if isinstance(name, str) and (tokenizer_class_from_name(name) or tokenizer_class_from_name(f"{name}Fast")):
+        return None
+    return (
+        f"its tokenizer_config.json names tokenizer class {name!r}, which transformers does not have, with an "
+        f"auto_map to the tokenizer's own code ({', '.join(auto_map_files(code))}); {NO_FOREIGN_CODE}. Give the "
+        "folder a tokenizer transformers provides (a tokenizer.json with tokenizer_class PreTrainedTokenizerFast)"
+    )
+
+
+def check_loads_without_code(source: ModelSource, *, tokenizer: bool = False) -> None:
+    """Refuse, before loading anything, a folder or hub model whose model (or tokenizer) needs its own code.
+
+    Reads ``config.json`` (and with ``tokenizer``, ``tokenizer_config.json``) only. A GGUF file holds no code.
+
+    Raises:
+        RemoteCodeError: one line saying what needs code and what finercut supports.
+    """
+    if source.kind == "gguf":
+        return
+    config = _config_dict(source)
+    reason = model_code_refusal(config)
+    if reason is None and tokenizer:
+        reason = tokenizer_code_refusal(_tokenizer_config_dict(source))
+    if reason is not None:
+        raise RemoteCodeError(f"cannot load {source.location}: {reason}")
+
+
+def _config_dict(source: ModelSource) -> dict:
+    """``config.json`` of a folder or hub model as a dict, read as plain JSON."""
+    from finercut.jsonio import JsonFileError, read_json
+
+    if source.kind == "folder":
+        try:
+            return read_json(Path(source.location) / "config.json", what="model config", expect=dict)
+        except JsonFileError as error:
+            raise ModelLoadError(f"cannot load the config of {source.location}: {error}") from None
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source.location, revision=source.revision)
+    except Exception as error:
+        raise ModelLoadError(
+            f"cannot load the config of {source.location}: no local folder of that name; as a Hugging Face hub id: "
+            f"{error}"
+        ) from error
+    return config
+
+
+def _tokenizer_config_dict(source: ModelSource) -> dict:
+    """``tokenizer_config.json`` of a folder or hub model as a dict (empty when there is none)."""
+    from finercut.jsonio import read_json
+
+    if source.kind == "folder":
+        path = Path(source.location) / "tokenizer_config.json"
+        return read_json(path, what="tokenizer config", expect=dict) if path.exists() else {}
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    try:
+        return get_tokenizer_config(source.location, revision=source.revision)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the tokenizer config of {source.location}: {error}") from error
+
+
 def load_config(source: ModelSource) -> Any:
     """The model's config only (cheap: no weights), for validating a run before loading."""
     from transformers import AutoConfig
 
+    check_loads_without_code(source)
     try:
         if source.kind == "gguf":
             path = Path(source.location)
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        return AutoConfig.from_pretrained(source.location, revision=source.revision)
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        return AutoConfig.from_pretrained(source.location, revision=source.revision, trust_remote_code=False)
     except Exception as error:
         where = "no local folder of that name; as a Hugging Face hub id: " if source.kind == "hub" else ""
         raise ModelLoadError(f"cannot load the config of {source.location}: {where}{error}") from error
@@ -316,8 +444,11 @@ def load_config(source: ModelSource) -> Any:
 def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
+    check_loads_without_code(source, tokenizer=True)
     try:
-        return AutoTokenizer.from_pretrained(pretrained_location(source), revision=source.revision)
+        return AutoTokenizer.from_pretrained(
+            pretrained_location(source), revision=source.revision, trust_remote_code=False
+        )
     except Exception as error:
         raise ModelLoadError(f"cannot load the tokenizer of {source.location}: {error}") from error
 
@@ -333,11 +464,12 @@ def load_model(source: ModelSource, *, dtype: str, device: str, device_map: str 
     from finercut.distributed import current_world
     from finercut.placement import placement_options
 
+    check_loads_without_code(source)
     location = pretrained_location(source)
     placement = placement_options(device_map, current_world())  # under torchrun: this rank's share of GPUs
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, revision=source.revision, dtype=DTYPES[dtype], **placement
+            location, revision=source.revision, dtype=DTYPES[dtype], trust_remote_code=False, **placement
         )
     except Exception as error:
         raise ModelLoadError(f"cannot load model {source.location}: {error}") from error
