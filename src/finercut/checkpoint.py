@@ -500,15 +500,18 @@ def _move_into_place(staging: Path, path: Path) -> None:
 
 def read_pruned_config(path: str | os.PathLike) -> Any:
     """The pruned config of a saved folder (finercut's own class, no remote code), or a clear error."""
+    from finercut.jsonio import read_json
+
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise MissingFileError(f"{path} has no {CONFIG_FILE}; is it a model folder?")
-    layout = json.loads(config_file.read_text()).get(LAYOUT_KEY)
+    layout = read_json(config_file, what="model config", expect=dict).get(LAYOUT_KEY)
     if not isinstance(layout, dict):
         raise ConfigError(f"{config_file} has no finercut pruning layout: {path} is not a model saved by finercut")
     config_class, _ = pruned_classes(layout["base_model_type"])
-    return config_class.from_pretrained(path)
+    # finercut's own config class: the folder's auto_map (to its copy of the code) is never consulted.
+    return config_class.from_pretrained(path, trust_remote_code=False)
 
 
 def check_checkpoint(path: str | os.PathLike, config: Any = None) -> None:
@@ -573,7 +576,9 @@ def load_pruned(
     Raises:
         ValueError: the folder is not a finercut pruned model.
         CheckpointMismatchError: its config and weights disagree.
+        ConfigError: a ``trust_remote_code`` argument (finercut's own classes need no code from the folder).
     """
+    _refuse_trust_remote_code(kwargs, "load_pruned")
     path = Path(path).expanduser()
     config = read_pruned_config(path)
     check_checkpoint(path, config)
@@ -581,18 +586,38 @@ def load_pruned(
     options = {"dtype": dtype} if dtype is not None else {}
     if device_map is not None:
         options["device_map"] = device_map
-    model = model_class.from_pretrained(path, config=config, **options, **kwargs)
+    # False, not unset: it also keeps transformers from loading a custom_generate/ folder's generate function.
+    model = model_class.from_pretrained(path, config=config, trust_remote_code=False, **options, **kwargs)
     return model.eval()
 
 
 def load_pruned_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
-    """The tokenizer saved with a pruned model (``kwargs`` go to ``AutoTokenizer.from_pretrained``)."""
+    """The tokenizer saved with a pruned model (``kwargs`` go to ``AutoTokenizer.from_pretrained``).
+
+    Raises:
+        RemoteCodeError: the folder's tokenizer_config.json names a tokenizer only its own code defines.
+    """
     from transformers import AutoTokenizer
 
+    from finercut.jsonio import read_json
+    from finercut.modelio import RemoteCodeError, tokenizer_code_refusal
+
+    _refuse_trust_remote_code(kwargs, "load_pruned_tokenizer")
     path = Path(path).expanduser()
-    # Handing over the config spares AutoTokenizer reading config.json itself, where the auto_map would make it ask
-    # whether to trust the folder's modeling code.
-    return AutoTokenizer.from_pretrained(path, config=read_pruned_config(path), **kwargs)
+    config = read_pruned_config(path)
+    tokenizer_file = path / "tokenizer_config.json"
+    reason = tokenizer_code_refusal(read_json(tokenizer_file, what="tokenizer config", expect=dict)
+                                    if tokenizer_file.exists() else {})
+    if reason is not None:
+        raise RemoteCodeError(f"cannot load the tokenizer of {path}: {reason}")
+    # Handing over the config spares AutoTokenizer reading config.json itself and meeting its auto_map.
+    return AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+
+
+def _refuse_trust_remote_code(kwargs: dict[str, Any], function: str) -> None:
+    if "trust_remote_code" in kwargs:
+        raise ConfigError(f"{function} builds finercut's own classes and never runs a folder's code; "
+                          "drop the trust_remote_code argument")
 
 
 __all__ = [

@@ -7,10 +7,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -164,30 +165,131 @@ def identity_differences(saved: dict, current: dict) -> list[str]:
 
 
 def converted_gguf_folder(gguf_path: Path) -> Path:
-    """A safetensors folder of the dequantized GGUF model, converted once and cached by the file's hash."""
+    """A safetensors folder of the dequantized GGUF model, converted once and cached by the file's hash.
+
+    Concurrent conversions of the same file each write their own staging folder and the first to finish
+    publishes it; a conversion that was killed leaves its staging folder behind, and the next conversion on this
+    machine removes it (:func:`remove_dead_staging`).
+    """
     folder = cache_root() / "gguf" / file_sha256(gguf_path)[:24]
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     except Exception as error:
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {error}") from error
     # The weights are already plain dequantized tensors; the quantizer only blocks save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(folder)
+
+    return publish_folder_once(folder, write, complete_file="config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing a cache folder once: staging folders named by their writer, so that the dead ones can be told apart
+
+STAGING_PREFIX = ".converting-"
+
+
+def staging_prefix() -> str:
+    """Start of this process's staging folder names: ``.converting-<pid>@<host>-``."""
+    return f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+
+
+def staging_owner(name: str) -> tuple[int, str] | None:
+    """``(pid, host)`` of the process that named a staging folder ``name``; None for any other name."""
+    if not name.startswith(STAGING_PREFIX):
+        return None
+    pid, at, rest = name[len(STAGING_PREFIX):].partition("@")
+    host, dash, _ = rest.rpartition("-")
+    if not (at and dash and host and pid.isdigit() and int(pid) > 0):
+        return None
+    return int(pid), host
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders in ``parent`` left by processes of this machine that no longer run.
+
+    A folder is removed only when its name says this host and its process id is not alive. A live writer
+    (of any user) is never touched; neither is a folder of another host sharing the cache, nor one with a name
+    finercut did not give. A dead writer whose process id was reused keeps its folder until the id is free again.
+
+    Returns:
+        The folders removed.
+    """
+    host = socket.gethostname()
+    removed = []
+    for path in parent.glob(f"{STAGING_PREFIX}*"):
+        owner = staging_owner(path.name)
+        if owner is None or owner[1] != host or process_alive(owner[0]) or not path.is_dir():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def publish_folder_once(folder: Path, write: Callable[[Path], None], *, complete_file: str) -> Path:
+    """Create ``folder`` by ``write(staging)`` into a staging folder renamed into place when complete.
+
+    Readers see no folder or a complete one. When another process publishes the same folder first, this one's
+    copy is discarded and ``folder`` returned all the same. Files get the permissions the umask allows (not the
+    ``0600`` some writers use for their temporary files), so a cache shared by several users stays readable.
+
+    Args:
+        complete_file: a file every complete folder holds; a ``folder`` without it is damaged.
+    """
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(parent)
+    staging = parent / f"{staging_prefix()}{uuid.uuid4().hex[:8]}"
+    staging.mkdir(mode=0o777)  # the umask applies, as to any new folder
+    try:
+        write(staging)
+        _apply_umask_to_files(staging)
+        try:
+            staging.rename(folder)
+        except OSError as error:
+            if not (folder / complete_file).is_file():
+                raise ModelLoadError(
+                    f"cannot put the converted model in place at {folder} ({error.strerror or error}); if that "
+                    "folder exists, it is damaged: delete it and run again"
+                ) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _apply_umask_to_files(folder: Path) -> None:
+    """Give every file in ``folder`` the mode a new file gets here (``0666`` less the umask, as the kernel applies
+    it: a probe file is created to learn it, without changing the process's umask)."""
+    probe = folder / f".mode-probe-{uuid.uuid4().hex[:8]}"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def pretrained_location(source: ModelSource) -> str:
@@ -195,15 +297,141 @@ def pretrained_location(source: ModelSource) -> str:
     return str(converted_gguf_folder(Path(source.location))) if source.kind == "gguf" else source.location
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Remote code: finercut never runs code that ships with a model. Every load says trust_remote_code=False (without
+# it, transformers asks "Do you wish to run the custom code? [y/N]" on a terminal), and a folder that cannot load
+# without its own code is refused up front with a message instead of transformers' multi-line ValueError.
+
+NO_FOREIGN_CODE = "finercut does not run code that comes with a model"
+
+
+class RemoteCodeError(ModelLoadError):
+    """The model or its tokenizer can only be built by running code shipped with it, which finercut never does."""
+
+
+def auto_map_files(auto_map: Any) -> list[str]:
+    """The code files an ``auto_map`` points at (``{"AutoConfig": "configuration_x.XConfig", ...}`` ->
+    ``["configuration_x.py"]``; a ``repo--module.Class`` reference and ``[slow, fast]`` pairs included)."""
+    values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    references = [ref for value in values for ref in (value if isinstance(value, (list, tuple)) else [value])]
+    return sorted({f"{ref.split('--')[-1].rpartition('.')[0]}.py" for ref in references if isinstance(ref, str)})
+
+
+def model_code_refusal(config: dict) -> str | None:
+    """Why a ``config.json`` (as a dict) describes a model only its own code can build; None if transformers can.
+
+    That is the case when the config has an ``auto_map`` and a model type ``transformers`` does not know. (With a
+    known model type the ``auto_map`` is ignored: ``trust_remote_code=False`` builds transformers' own class.)
+    A finercut pruned folder is such a folder too: it loads through :func:`finercut.load_pruned`.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from finercut.pruned_modeling import LAYOUT_KEY
+
+    model_type = config.get("model_type")
+    if "auto_map" not in config or model_type in CONFIG_MAPPING:
+        return None
+    if LAYOUT_KEY in config:
+        return (
+            f"it is a model pruned by finercut (model type {model_type!r}); this needs the dense model it came from "
+            "(finercut eval and finercut export take a pruned folder, and finercut.load_pruned loads it)"
+        )
+    from finercut.adapters import supported_model_types
+
+    return (
+        f"its config.json has model type {model_type!r}, which transformers does not know, and an auto_map to the "
+        f"model's own code ({', '.join(auto_map_files(config['auto_map']))}); {NO_FOREIGN_CODE}. "
+        f"Supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+def tokenizer_code_refusal(tokenizer_config: dict) -> str | None:
+    """Why a ``tokenizer_config.json`` (as a dict) needs the tokenizer's own code; None if transformers has it.
+
+    That is the case when its ``auto_map`` names an ``AutoTokenizer`` and its ``tokenizer_class`` is missing or
+    not a class ``transformers`` provides. (transformers would fall back to a generic tokenizer there, whose
+    token ids can differ from those of the tokenizer the folder declares.)
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    auto_map = tokenizer_config.get("auto_map")
+    code = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    if not code:
+        return None
+    name = tokenizer_config.get("tokenizer_class")
+    if isinstance(name, str) and (tokenizer_class_from_name(name) or tokenizer_class_from_name(f"{name}Fast")):
+        return None
+    return (
+        f"its tokenizer_config.json names tokenizer class {name!r}, which transformers does not have, with an "
+        f"auto_map to the tokenizer's own code ({', '.join(auto_map_files(code))}); {NO_FOREIGN_CODE}. Give the "
+        "folder a tokenizer transformers provides (a tokenizer.json with tokenizer_class PreTrainedTokenizerFast)"
+    )
+
+
+def check_loads_without_code(source: ModelSource, *, tokenizer: bool = False) -> None:
+    """Refuse, before loading anything, a folder or hub model whose model (or tokenizer) needs its own code.
+
+    Reads ``config.json`` (and with ``tokenizer``, ``tokenizer_config.json``) only. A GGUF file holds no code.
+
+    Raises:
+        RemoteCodeError: one line saying what needs code and what finercut supports.
+    """
+    if source.kind == "gguf":
+        return
+    config = _config_dict(source)
+    reason = model_code_refusal(config)
+    if reason is None and tokenizer:
+        reason = tokenizer_code_refusal(_tokenizer_config_dict(source))
+    if reason is not None:
+        raise RemoteCodeError(f"cannot load {source.location}: {reason}")
+
+
+def _config_dict(source: ModelSource) -> dict:
+    """``config.json`` of a folder or hub model as a dict, read as plain JSON."""
+    from finercut.jsonio import JsonFileError, read_json
+
+    if source.kind == "folder":
+        try:
+            return read_json(Path(source.location) / "config.json", what="model config", expect=dict)
+        except JsonFileError as error:
+            raise ModelLoadError(f"cannot load the config of {source.location}: {error}") from None
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source.location, revision=source.revision)
+    except Exception as error:
+        raise ModelLoadError(
+            f"cannot load the config of {source.location}: no local folder of that name; as a Hugging Face hub id: "
+            f"{error}"
+        ) from error
+    return config
+
+
+def _tokenizer_config_dict(source: ModelSource) -> dict:
+    """``tokenizer_config.json`` of a folder or hub model as a dict (empty when there is none)."""
+    from finercut.jsonio import read_json
+
+    if source.kind == "folder":
+        path = Path(source.location) / "tokenizer_config.json"
+        return read_json(path, what="tokenizer config", expect=dict) if path.exists() else {}
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    try:
+        return get_tokenizer_config(source.location, revision=source.revision)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the tokenizer config of {source.location}: {error}") from error
+
+
 def load_config(source: ModelSource) -> Any:
     """The model's config only (cheap: no weights), for validating a run before loading."""
     from transformers import AutoConfig
 
+    check_loads_without_code(source)
     try:
         if source.kind == "gguf":
             path = Path(source.location)
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        return AutoConfig.from_pretrained(source.location, revision=source.revision)
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        return AutoConfig.from_pretrained(source.location, revision=source.revision, trust_remote_code=False)
     except Exception as error:
         where = "no local folder of that name; as a Hugging Face hub id: " if source.kind == "hub" else ""
         raise ModelLoadError(f"cannot load the config of {source.location}: {where}{error}") from error
@@ -212,8 +440,11 @@ def load_config(source: ModelSource) -> Any:
 def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
+    check_loads_without_code(source, tokenizer=True)
     try:
-        return AutoTokenizer.from_pretrained(pretrained_location(source), revision=source.revision)
+        return AutoTokenizer.from_pretrained(
+            pretrained_location(source), revision=source.revision, trust_remote_code=False
+        )
     except Exception as error:
         raise ModelLoadError(f"cannot load the tokenizer of {source.location}: {error}") from error
 
@@ -229,11 +460,12 @@ def load_model(source: ModelSource, *, dtype: str, device: str, device_map: str 
     from finercut.distributed import current_world
     from finercut.placement import placement_options
 
+    check_loads_without_code(source)
     location = pretrained_location(source)
     placement = placement_options(device_map, current_world())  # under torchrun: this rank's share of GPUs
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, revision=source.revision, dtype=DTYPES[dtype], **placement
+            location, revision=source.revision, dtype=DTYPES[dtype], trust_remote_code=False, **placement
         )
     except Exception as error:
         raise ModelLoadError(f"cannot load model {source.location}: {error}") from error

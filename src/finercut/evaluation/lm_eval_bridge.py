@@ -20,10 +20,11 @@ as one task, its accuracy over all questions (lm-eval's size-weighted ``mmlu`` g
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,19 +213,45 @@ def hf_lm(
 ) -> HFLM:
     """lm-eval's HF wrapper around the in-memory ``model`` (not copied, not moved)."""
     _check_lm_arguments(model, batch_size=batch_size, device=device)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                trust_remote_code=False)
 
 
 def load_builtin(task_manager: TaskManager, names: Sequence[str]) -> list[Task | Group]:
     """lm-eval's built-in tasks/groups ``names``, with their hub datasets; errors say how to run offline."""
     try:
-        loaded = task_manager.load(list(names))
+        with no_dataset_scripts():  # loading a task downloads its dataset
+            loaded = task_manager.load(list(names))
     except Exception as error:  # datasets raises several types for an unreachable hub
         raise DataError(
             f"could not load lm-eval's built-in tasks {list(names)} from the Hugging Face hub ({error}); "
             "to run offline pass data_dir=<folder with tasks/ and wikitext2/> or set FINERCUT_DATA_DIR"
         ) from error
     return [loaded["groups"][name] if name in loaded["groups"] else loaded["tasks"][name] for name in names]
+
+
+@contextlib.contextmanager
+def no_dataset_scripts() -> Iterator[None]:
+    """Have ``datasets`` refuse a hub dataset's loading script instead of running it (or asking on a terminal).
+
+    ``datasets`` 4 and later have no loading scripts at all. Before 4, a dataset loaded without an explicit
+    ``trust_remote_code`` (as lm-eval loads its built-in tasks' data) falls back to
+    ``datasets.config.HF_DATASETS_TRUST_REMOTE_CODE``, which is set to False here for the duration.
+    """
+    import datasets.config
+
+    if not hasattr(datasets.config, _DATASETS_TRUST_FLAG):
+        yield
+        return
+    previous = getattr(datasets.config, _DATASETS_TRUST_FLAG)
+    setattr(datasets.config, _DATASETS_TRUST_FLAG, False)
+    try:
+        yield
+    finally:
+        setattr(datasets.config, _DATASETS_TRUST_FLAG, previous)
+
+
+_DATASETS_TRUST_FLAG = "HF_DATASETS_TRUST_REMOTE_CODE"
 
 
 def run_lm_eval(

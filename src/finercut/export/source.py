@@ -8,7 +8,6 @@ tokenizer to a GGUF export).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from finercut.errors import MissingFileError, UserError
+from finercut.jsonio import read_json
 from finercut.pruned_modeling import ATTENTION, FFN, LAYOUT_KEY, kept_blocks, removed_by_block
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -87,7 +87,7 @@ def pruned_model_folder(path: str | Path) -> Path:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ExportError(f"{path} is neither a pruned model folder nor a run folder (no config.json, no model/)")
-    if LAYOUT_KEY not in json.loads(config_file.read_text()):
+    if LAYOUT_KEY not in read_json(config_file, what="model config", expect=dict):
         raise ExportError(f"{path} is not a model pruned by finercut (its config.json has no pruning layout); "
                           "export the pruned folder a run wrote (RUN/model) or one written by `finercut apply`")
     return path
@@ -101,7 +101,7 @@ def load_source(path: str | Path) -> PrunedSource:
     model = load_pruned(folder)
     tokenizer = load_pruned_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
     report = folder / REPORT_FILE
-    provenance = json.loads(report.read_text()).get("provenance", {}) if report.is_file() else {}
+    provenance = read_json(report, what="pruning report", expect=dict).get("provenance", {}) if report.is_file() else {}
     layout = getattr(model.config, LAYOUT_KEY)
     return PrunedSource(model=model, tokenizer=tokenizer, folder=folder, layout=layout,
                         blocks=kept_block_list(layout), source_model=dict(provenance.get("source_model") or {}))
