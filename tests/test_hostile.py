@@ -171,8 +171,8 @@ def test_hundreds_of_bad_invocations_exit_2_with_one_line_and_touch_nothing(work
         after = snapshot(root)
         if code != 2 or len(lines) != 1 or "Traceback" in err or after != before:
             changed = sorted(set(after.items()) ^ set(before.items()))[:3]
-            failures.append(f"{args[:1] + args[-4:] if len(args) > 5 else args} -> exit {code}, {len(lines)} lines {err[-200:]!r}, "
-                            f"changed {changed}")
+            shown = args[:1] + args[-4:] if len(args) > 5 else args
+            failures.append(f"{shown} -> exit {code}, {len(lines)} lines {err[-200:]!r}, changed {changed}")
             before = after
     assert not failures, f"{len(failures)} of 300 bad invocations misbehaved:\n" + "\n".join(failures[:20])
 

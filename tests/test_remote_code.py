@@ -377,8 +377,9 @@ def test_builtin_task_datasets_load_with_dataset_scripts_refused(monkeypatch):
 
 LOADING_ATTRIBUTES = {"from_pretrained", "from_config", "load_dataset", "load_dataset_builder"}
 LOADING_NAMES = {"HFLM", "load_dataset", "load_dataset_builder", "pipeline"}
-PENDING = {("calibration.py", "load_dataset")}
-"""Calls outside this change's files, still to receive ``trust_remote_code=False`` (then delete the entry)."""
+SCRIPTLESS = {("calibration.py", "load_dataset")}
+"""``datasets.load_dataset`` calls: datasets 4 and later (what pyproject.toml requires) have no loading scripts and no
+``trust_remote_code`` parameter (it would reach the builder config and fail), so nothing they load runs code."""
 
 
 def loading_calls(tree: ast.AST):
@@ -415,12 +416,14 @@ def test_every_loading_call_in_finercut_says_trust_remote_code_false():
             checked += 1
             if says_no_remote_code(call) or forwards_an_override(call, name, function):
                 continue
-            if (path.name, name) in PENDING:
+            if (path.name, name) in SCRIPTLESS:
                 pending_seen.add((path.name, name))
                 continue
             offenders.append(f"{path.relative_to(SRC)}:{call.lineno}: {name}(...) without trust_remote_code=False")
     assert not offenders, "\n".join(offenders)
-    assert pending_seen == PENDING, f"fixed since: remove {PENDING - pending_seen} from PENDING"
+    assert pending_seen == SCRIPTLESS, f"gone since: remove {SCRIPTLESS - pending_seen} from SCRIPTLESS"
+    requirements = (SRC.parent / "pyproject.toml").read_text()
+    assert '"datasets>=4"' in requirements and "datasets>=2" not in requirements
     assert checked >= 10  # the walk finds the calls (modelio, checkpoint, lm_eval_bridge, ...)
 
 

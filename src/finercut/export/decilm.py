@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finercut.jsonio import read_json
 from finercut.export.source import ExportError, KeptBlock, PrunedSource, check_llama_family, check_plain_weights
 
 ARCHITECTURE = "DeciLMForCausalLM"
@@ -341,7 +342,7 @@ def load_decilm(folder: str | Path) -> DeciLMReference:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json", expect=dict, what="DeciLM config")
     if config.get("architectures") != [ARCHITECTURE]:
         raise ValueError(f"{folder} is not a {ARCHITECTURE} folder")
     state: dict[str, torch.Tensor] = {}
