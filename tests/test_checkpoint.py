@@ -425,10 +425,15 @@ def test_save_refuses_a_non_empty_folder_unless_told_to_overwrite(tmp_path):
         save_pruned(pruned_model("llama"), tmp_path / "model")
     assert (tmp_path / "model" / "notes.txt").exists()
 
-    save_pruned(pruned_model("llama"), tmp_path / "model", overwrite=True)
-    assert not (tmp_path / "model" / "notes.txt").exists()
+    # not even overwrite deletes a file finercut did not write
+    with pytest.raises(FileExistsError, match=r"holds files finercut did not write \(notes.txt\)"):
+        save_pruned(pruned_model("llama"), tmp_path / "model", overwrite=True)
+    assert (tmp_path / "model" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "model" / "notes.txt").unlink()
+    save_pruned(pruned_model("llama"), tmp_path / "model")
+    save_pruned(pruned_model("gpt2"), tmp_path / "model", overwrite=True)  # finercut's own folder is replaced
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
-    load_pruned(tmp_path / "model")
+    assert load_pruned(tmp_path / "model").config.model_type == "finercut_gpt2"
 
 
 def test_save_writes_into_an_existing_empty_folder(tmp_path):

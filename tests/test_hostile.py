@@ -64,7 +64,23 @@ def workspace(tmp_path_factory, tiny_model_dir, word_text):
     half = root / "half-written"
     half.mkdir()
     (half / "run.json").write_text((run / "run.json").read_text())
+    pruned = root / "pruned"
+    assert cli.main(["apply", str(run), "--output", str(pruned)]) == 0
+    for name, damage in (("bad-config", "config"), ("truncated", "weights")):
+        broken = root / f"broken-pruned-{name}"
+        shutil.copytree(pruned, broken)
+        truncate(broken, damage)
+    dense = root / "broken-dense-truncated"
+    shutil.copytree(model, dense)
+    truncate(dense, "weights")
     return {"root": root, "model": model, "text": text, "run": run, "base": base}
+
+
+def truncate(folder: Path, what: str) -> None:
+    """Damage a model folder as a killed copy would: its config.json or its weight file cut in half."""
+    file = folder / "config.json" if what == "config" else next(folder.glob("*.safetensors"))
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
 
 
 BAD_PRUNE_OPTIONS = {
@@ -144,6 +160,15 @@ def bad_invocations(ws: dict, count: int, seed: int = 0) -> list[list[str]]:
                                  ["--output", str(root / "existing-dir")], ["--output", str(root / "nope" / "r.json")],
                                  ["--limit", "-3"], ["--count", "2"]])
             calls.append(["eval", ws["base"][1], *choice])
+        elif kind < 0.97:  # damaged model folders
+            folder = str(root / rng.choice(["broken-pruned-bad-config", "broken-pruned-truncated",
+                                            "broken-dense-truncated"]))
+            calls.append(rng.choice([
+                ["eval", folder, "--tasks", "", "--ppl-max-windows", "0", "--wikitext-docs", "0"],
+                ["export", folder, "--format", "gguf", "--output", fresh() + ".gguf"],
+                ["export", folder, "--format", "decilm", "--output", fresh()],
+                ["prune", "--model", folder, *ws["base"][2:], "--output", fresh()],
+            ]))
         else:  # compare
             choice = rng.choice([["--ratios", "0,abc"], ["--shard", "abc"], ["--shard", "3/2"],
                                  ["--model", str(root / "nothere")], ["--methods", "foo"], ["--ratios", "0,1.5"],
@@ -175,6 +200,27 @@ def test_hundreds_of_bad_invocations_exit_2_with_one_line_and_touch_nothing(work
             failures.append(f"{shown} -> exit {code}, {len(lines)} lines {err[-200:]!r}, changed {changed}")
             before = after
     assert not failures, f"{len(failures)} of 300 bad invocations misbehaved:\n" + "\n".join(failures[:20])
+
+
+def test_a_safetensors_file_cut_short_is_found_from_its_header(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from finercut.pruned_modeling import CheckpointMismatchError
+    from finercut.weights import check_safetensors_complete
+
+    file = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(4, 4), "b": torch.ones(3)}, file)
+    check_safetensors_complete(file)  # whole: 8 + header + (64 + 12) bytes of data
+    whole = file.read_bytes()
+    for cut, reason in ((len(whole) - 1, "where its header describes"), (5, "header is cut short"),
+                        (20, "header is cut short")):
+        file.write_bytes(whole[:cut])
+        with pytest.raises(CheckpointMismatchError, match=reason):
+            check_safetensors_complete(file)
+    file.write_bytes(whole + b"\0")
+    with pytest.raises(CheckpointMismatchError, match="where its header describes"):
+        check_safetensors_complete(file)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from finercut import pruned_modeling
 from finercut.adapters import ArchitectureAdapter, adapter_for, adapter_for_config
 from finercut.candidates import Unit, removed_sublayers
 from finercut.errors import ConfigError, MissingFileError, OutputExistsError
+from finercut.weights import check_safetensors_complete
 from finercut.pruned_modeling import (
     ATTENTION,
     FFN,
@@ -554,6 +555,7 @@ def saved_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointMismatchError(f"{path} holds no .safetensors weight files")
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
+        check_safetensors_complete(file)
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():
                 shapes[name] = tuple(handle.get_slice(name).get_shape())

@@ -686,10 +686,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRNOS:
             return _report_bug(args.command)
-        print(f"finercut {args.command}: error: {error}", file=sys.stderr)
+        print(f"finercut {args.command}: error: {_os_error_line(error)}", file=sys.stderr)
         return 2
     except Exception:
         return _report_bug(args.command)
+
+
+def _os_error_line(error: OSError) -> str:
+    """An OS error as one line naming the path (shortened) and, for a name too long, the limit."""
+    name = str(error.filename or "")
+    shown = name if len(name) <= 100 else f"{name[:60]}...{name[-20:]}"
+    if error.errno == errno.ENAMETOOLONG:
+        return f"{shown}: a name in this path is longer than 255 bytes, the limit of a file name"
+    return f"{error.strerror or error}: {shown}" if shown else str(error)
 
 
 def _report_bug(command: str) -> int:

@@ -461,6 +461,15 @@ def load_model(source: ModelSource, *, dtype: str, device: str, device_map: str 
     from finercut.placement import placement_options
 
     check_loads_without_code(source)
+    if source.kind == "folder":  # a weight file cut short is refused by name, before transformers reads it
+        from finercut.pruned_modeling import CheckpointMismatchError
+        from finercut.weights import check_safetensors_complete
+
+        for file in sorted(Path(source.location).glob("*.safetensors")):
+            try:
+                check_safetensors_complete(file)
+            except CheckpointMismatchError as error:
+                raise ModelLoadError(str(error)) from None
     location = pretrained_location(source)
     placement = placement_options(device_map, current_world())  # under torchrun: this rank's share of GPUs
     try:
@@ -468,7 +477,7 @@ def load_model(source: ModelSource, *, dtype: str, device: str, device_map: str 
             location, revision=source.revision, dtype=DTYPES[dtype], trust_remote_code=False, **placement
         )
     except Exception as error:
-        raise ModelLoadError(f"cannot load model {source.location}: {error}") from error
+        raise ModelLoadError(f"cannot load model {source.location}: {' '.join(str(error).split())}") from error
     if not device_map:
         model.to(device)
     model.eval()

@@ -18,6 +18,7 @@ every rank. Example, 8 x 80 GB GPUs and a 70B model in bfloat16 (140 GB): two ra
 from __future__ import annotations
 
 import atexit
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,9 +53,10 @@ def read_device_map_file(path: Path) -> dict[str, int | str]:
     if not path.is_file():
         raise MissingFileError(f"--device-map {path}: neither one of {', '.join(STRATEGIES)} nor an existing "
                                "JSON file")
-    from finercut.jsonio import read_json
-
-    data = read_json(path, what="device map")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"device map {path} is not readable JSON: {error}") from error
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"device map {path} must be a JSON object of module names to devices")
     for module, device in data.items():

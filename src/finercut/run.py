@@ -399,6 +399,10 @@ def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
 
 def check_output_location(output_dir: Path) -> None:
     """Refuse, before any work, an output folder that could not be created or written."""
+    for part in output_dir.parts:
+        if len(part.encode()) > 255:
+            raise OutputFolderError(f"--output {str(output_dir)[:80]}...: the name {part[:40]}... is longer than "
+                                    "255 bytes, the limit of a file name")
     existing = output_dir
     while not existing.exists():
         if existing.parent == existing:
@@ -408,9 +412,6 @@ def check_output_location(output_dir: Path) -> None:
         raise OutputFolderError(f"--output {output_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputFolderError(f"--output {output_dir}: {existing} is not writable")
-    for part in output_dir.parts:
-        if len(part.encode()) > 255:
-            raise OutputFolderError(f"--output {output_dir}: the name {part[:40]}... is longer than 255 bytes")
 
 
 def run_in_folder(
