@@ -85,5 +85,5 @@ def test_a_one_shot_run_extends_from_its_saved_ranking_and_a_killed_one_restarts
     (run / "progress.json").write_text(__import__("json").dumps(progress))
     (run / "record.json").unlink()
     in_process(prune_args(tiny_model_dir, word_text, run, "--count", "4", *extra))
-    assert "selects every unit at once; the selection restarts" in capsys.readouterr().err
+    assert "selects its units as a whole; the selection restarts" in capsys.readouterr().err
     assert without_timings(read(run / "record.json")) == without_timings(extended)

@@ -306,7 +306,7 @@ def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
     (methods whose runs are prefixes of longer ones), and settings that change only the work
     (:data:`WORK_ONLY_FIELDS`) always may.
     """
-    ignored = WORK_ONLY_FIELDS + (TARGET_FIELDS if saved.method_spec.prefix_consistent else ()) + ("options",)
+    ignored = WORK_ONLY_FIELDS + (TARGET_FIELDS if saved.method_spec.extendable else ()) + ("options",)
     lines = [
         f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}"
         for f in fields(RunConfig)

@@ -42,7 +42,7 @@ from finercut.folder import (
     foreign_entries,
 )
 from finercut.jsonio import read_json, write_json_atomic
-from finercut.methods import GREEDY, ONE_SHOT, Selecting
+from finercut.methods import GREEDY, ONE_SHOT, SEARCH, Selecting
 from finercut.modelio import (
     identity_differences,
     load_config,
@@ -170,11 +170,11 @@ def search_model(
     if config.cost_target:  # counted and measured before the search; a resumed run keeps its saved figures
         costs, budget = _run_budget(model, config, input_ids, state, num_blocks, world)
     completed = list(state.completed) if method.selection == GREEDY else []
-    saved = state.method_state if method.selection == ONE_SHOT else None
+    saved = state.method_state if method.selection in (ONE_SHOT, SEARCH) else None
     if completed:
         log(f"resuming after {len(completed)} finished steps")
     elif state.completed and not saved:
-        log(f"finercut: {method.label} selects every unit at once; the selection restarts (nothing of the earlier "
+        log(f"finercut: {method.label} selects its units as a whole; the selection restarts (nothing of the earlier "
             "run is reused)")
     extras: dict = {}
     method_state = dict(saved) if saved else None
@@ -202,7 +202,7 @@ def search_model(
         if finished:
             steps = completed  # the search finished earlier; only its outputs are missing
         else:
-            reuse = saved is not None and bool(saved.get("ranking"))
+            reuse = method.selection == ONE_SHOT and saved is not None and bool(saved.get("ranking"))
             context = None if reuse else ScoringContext.build(model, adapter, context_distance(config), input_ids,
                                                               batch_size=config.batch_size)
             reference_seconds = time.perf_counter() - started

@@ -39,7 +39,10 @@ ONE_SHOT = "one_shot"
 """Every unit ranked at once: any count is a prefix of the ranking, which a resumed or extended run reuses."""
 PER_TARGET = "per_target"
 """Each count is its own selection (the best n need not contain the best n - 1): a run cannot be extended."""
-SELECTIONS = (GREEDY, ONE_SHOT, PER_TARGET)
+SEARCH = "search"
+"""A search over whole removal sets (beam, swap, evolution): its state is saved as it goes and a resumed run
+continues from it; the answer for n units need not be a prefix of the answer for more."""
+SELECTIONS = (GREEDY, ONE_SHOT, PER_TARGET, SEARCH)
 
 DISTANCE = "distance"
 """Scores by an output distance to the original model: ``metric`` names it (js, angular, ...)."""
@@ -190,8 +193,13 @@ class Method:
 
     @property
     def prefix_consistent(self) -> bool:
-        """Whether the run for n units holds the one for fewer as its prefix (so a larger target extends it and
-        ``apply --count`` takes a shorter run)."""
+        """Whether the run for n units holds the one for fewer as its prefix (``apply --count`` takes a shorter
+        run; ``compare`` prunes once, to the largest ratio)."""
+        return self.selection in (GREEDY, ONE_SHOT)
+
+    @property
+    def extendable(self) -> bool:
+        """Whether a run folder may take a larger target (reusing what the method kept) instead of a new folder."""
         return self.selection != PER_TARGET
 
     def check(self, config: Any) -> None:
