@@ -100,6 +100,15 @@ def test_missing_empty_binary_and_unknown_sources_are_refused_when_resolved(tmp_
     assert "bad.jsonl:2 is not valid JSON" in one_line_refusal(str(tmp_path / "bad.jsonl"))
 
 
+def test_named_sources_are_recorded_as_named_and_files_as_absolute_paths(tmp_path, monkeypatch):
+    from finercut.calibration import canonical_calibration
+
+    monkeypatch.chdir(tmp_path)
+    for named in ("wikitext2", "self", "tasks", "tasks:boolq,piqa"):
+        assert canonical_calibration(named) == named
+    assert canonical_calibration("text.txt") == str(tmp_path.resolve() / "text.txt")
+
+
 def test_self_generated_source_needs_the_model():
     source = resolve_source("self", None)
     assert source.kind == "self" and source.path is None
