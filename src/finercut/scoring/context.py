@@ -12,7 +12,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -67,20 +67,34 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
     return kwargs.pop("hidden_states"), (), kwargs
 
 
+CalibrationIds = Union[torch.Tensor, Sequence[torch.Tensor]]
+"""``[samples, seq]`` token ids cut into batches of ``batch_size``, or a list of ``[batch_i, seq_i]`` tensors,
+each one batch as given (samples of different lengths, e.g. a task's examples, one per batch)."""
+
+
+def calibration_batches(input_ids: CalibrationIds, batch_size: int) -> list[torch.Tensor]:
+    """The batches of :data:`CalibrationIds`, each ``[batch, seq]``."""
+    if isinstance(input_ids, torch.Tensor):
+        return [input_ids[start : start + batch_size] for start in range(0, input_ids.shape[0], batch_size)]
+    batches = list(input_ids)
+    if not batches or any(batch.dim() != 2 or batch.numel() == 0 for batch in batches):
+        raise ValueError("a list of calibration batches must hold non-empty [batch, seq] tensors")
+    return batches
+
+
 @torch.inference_mode()
 def capture_calibration(
-    model: nn.Module, adapter: ArchitectureAdapter, input_ids: torch.Tensor, *, batch_size: int
+    model: nn.Module, adapter: ArchitectureAdapter, input_ids: CalibrationIds, *, batch_size: int
 ) -> list[CalibrationBatch]:
     """Run the original model once over the samples, recording each block's call and the final block output.
 
     Args:
-        input_ids: ``[samples, seq]`` calibration token ids.
-        batch_size: samples per forward pass.
+        input_ids: ``[samples, seq]`` calibration token ids, or a list of ``[batch_i, seq_i]`` batches.
+        batch_size: samples per forward pass (a list's batches are used as given).
     """
     blocks = adapter.blocks_of(model)
     batches = []
-    for start in range(0, input_ids.shape[0], batch_size):
-        batch_ids = input_ids[start : start + batch_size]
+    for batch_ids in calibration_batches(input_ids, batch_size):
         calls: list[BlockCall | None] = [None] * len(blocks)
         captured: dict[str, torch.Tensor] = {}
 
@@ -214,15 +228,16 @@ class ScoringContext:
 
     @classmethod
     def build(
-        cls, model: nn.Module, adapter: ArchitectureAdapter, metric: Metric, input_ids: torch.Tensor, *,
+        cls, model: nn.Module, adapter: ArchitectureAdapter, metric: Metric, input_ids: CalibrationIds, *,
         batch_size: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_reference_bytes: int = DEFAULT_MAX_REFERENCE_BYTES,
     ) -> "ScoringContext":
-        """Run the original model once over ``input_ids`` (``[samples, seq]``) and check its output.
+        """Run the original model once over ``input_ids`` (``[samples, seq]``, or a list of ``[batch_i, seq_i]``
+        batches of different lengths) and check its output.
 
         Args:
-            batch_size: samples per forward pass (default 1); the fast scorer's early abort decides after each
-                batch whether to go on, so smaller batches abort sooner.
+            batch_size: samples per forward pass (default 1; a list's batches are used as given); the fast
+                scorer's early abort decides after each batch whether to go on, so smaller batches abort sooner.
             chunk_bytes: full-vocabulary logits are computed for at most this many bytes of positions at once.
             max_reference_bytes: keep the original side of the distance in memory up to this size.
         """
