@@ -343,3 +343,24 @@ def metric_named(name: str) -> Metric:
         return METRICS[name]
     except KeyError:
         raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Likelihood: BlockPruner's perplexity and a task's answer likelihood
+
+
+def mean_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of each next token and the number of predictions.
+
+    Args:
+        logits: ``[batch, seq, vocab]``; input_ids: ``[batch, seq]`` (position ``t`` predicts token ``t + 1``).
+    """
+    targets = input_ids[:, 1:].reshape(-1)
+    return nll_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), targets), targets.numel()
+
+
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``targets`` (``[n]``) under ``logits`` (``[n, vocab]``), in float32 at
+    least."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return float(torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum").double())

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from finercut.candidates import Unit
+from finercut.distances import mean_next_token_nll, nll_sum  # noqa: F401 (mean_next_token_nll: this module's API)
 from finercut.masking import masked
 from finercut.methods.base import GREEDY, PERPLEXITY, PERPLEXITY_METRIC, CompareEntry, Method, Selecting
 from finercut.methods.greedy import run_greedy, scorer_options
@@ -25,23 +26,6 @@ from finercut.placement import input_device
 from finercut.scoring import describe_scoring
 from finercut.scoring.context import ScoringContext, check_finite
 from finercut.search import CandidateScore, Step
-
-
-def mean_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of each next token and the number of predictions.
-
-    Args:
-        logits: ``[batch, seq, vocab]``; input_ids: ``[batch, seq]`` (position ``t`` predicts token ``t + 1``).
-    """
-    targets = input_ids[:, 1:].reshape(-1)
-    return nll_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), targets), targets.numel()
-
-
-def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Summed negative log-likelihood of ``targets`` (``[n]``) under ``logits`` (``[n, vocab]``), in float32 at
-    least."""
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    return float(torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum").double())
 
 
 def num_predictions(context: ScoringContext) -> int:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from finercut.baselines.blockpruner import nll_sum
+from finercut.distances import nll_sum
 from finercut.calibration import TASK_FILES, resolve_data_dir, task_items_overlap
 from finercut.candidates import Unit
 from finercut.errors import ConfigError
