@@ -84,6 +84,6 @@ for _method in BUILTIN:
 
 __all__ = [
     "BUILTIN", "DISTANCE", "GREEDY", "ONE_SHOT", "PER_TARGET", "PERPLEXITY", "PERPLEXITY_METRIC", "SEARCH",
-    "CompareEntry", "Method", "NoOptions", "OneShotMethod", "Ranking", "Selecting", "compare_entries", "method_for_metric",
-    "method_named", "option", "register", "registered", "unregister",
+    "CompareEntry", "Method", "NoOptions", "OneShotMethod", "Ranking", "Selecting", "compare_entries",
+    "method_for_metric", "method_named", "option", "register", "registered", "unregister",
 ]
