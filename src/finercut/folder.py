@@ -33,7 +33,9 @@ RECORD_FILE = "record.json"
 LAYER_MAP_FILE = "layer_map.png"
 STEP_SCORES_FILE = "step_scores.png"
 MODEL_DIR = "model"
-OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, STEP_SCORES_FILE, MODEL_DIR)
+CALIBRATION_IDS_FILE = "calibration_ids.safetensors"
+"""Self-generated calibration samples, cached so that a resumed run reads the very samples it searched on."""
+OWN_ENTRIES = (RUN_FILE, PROGRESS_FILE, RECORD_FILE, LAYER_MAP_FILE, STEP_SCORES_FILE, MODEL_DIR, CALIBRATION_IDS_FILE)
 """What a run folder of a finercut without a manifest may hold."""
 OWN_TEMPORARY = re.compile(r"^\.(.+\.tmp|.+\.partial-[0-9a-f]{8}|.+\.replaced-[0-9a-f]{8})$")
 """finercut's own temporary names: atomic JSON writes (``.record.json.x.tmp``) and model saves (``.model.partial-``)."""

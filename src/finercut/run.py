@@ -22,13 +22,16 @@ import torch
 from torch import nn
 
 from finercut.adapters import adapter_for, adapter_for_config
-from finercut.calibration import calibration_samples, resolve_data_dir, resolve_source, samples_info
+from finercut.calibration import (
+    SELF_GENERATED, calibration_samples, canonical_calibration, resolve_data_dir, resolve_source, samples_info,
+)
 from finercut.candidates import Unit, all_units
 from finercut.distances import METRICS, Metric, metric_named
 from finercut.distributed import current_world, init_world
 from finercut.errors import UserError
 from finercut.evaluation.stats import kv_cache_summary
 from finercut.folder import (
+    CALIBRATION_IDS_FILE,
     LAYER_MAP_FILE,
     MODEL_DIR,
     PROGRESS_FILE,
@@ -118,6 +121,7 @@ def find_steps(
     completed: Sequence[Step] = (), on_step: Callable[[Step], None] | None = None,
     progress: WorkProgress | None = None, extras: dict | None = None, budget: Budget | None = None,
     saved: dict | None = None, save_state: Callable[[dict], None] | None = None, log: Log | None = None,
+    objective: Any = None,
 ) -> list[Step]:
     """Run the config's method on a scoring context (``context`` may be None only when the method reuses a saved
     ranking). Greedy methods continue after ``completed``; the others select everything at once and get none.
@@ -130,7 +134,7 @@ def find_steps(
         context=context, config=config, num_blocks=num_blocks, target=target, budget=budget,
         completed=list(completed) if method.selection == GREEDY else [], saved=saved, on_step=on_step,
         save_state=save_state or (lambda state: None), progress=progress or WorkProgress(enabled=False),
-        extras=extras if extras is not None else {}, log=log or (lambda message: None),
+        extras=extras if extras is not None else {}, log=log or (lambda message: None), objective=objective,
     )
     if context is not None and method.selection != GREEDY:  # greedy methods plan their bar step by step
         request.progress.plan(method.plan_work(request))
@@ -147,7 +151,7 @@ def search_model(
     model: nn.Module, config: RunConfig, input_ids: torch.Tensor, *, calibration_info: dict, model_info: dict,
     state: FolderState | None = None, progress: bool = True, log: Log | None = None,
     on_steps: Callable[[list[Step], dict | None], None] | None = None, timings: dict | None = None,
-    measure_gains: bool = True,
+    measure_gains: bool = True, objective: Any = None,
 ) -> tuple[list[Step], Record]:
     """Select on a loaded model and describe the result: the core of every run.
 
@@ -158,6 +162,8 @@ def search_model(
             them.
         measure_gains: count parameters, MACs and KV cache before and after, and time the forward pass of the
             dense and the pruned model side by side (the record's ``gains``).
+        objective: a task objective's tokenized examples (:class:`finercut.scoring.task.TaskExamples`): the
+            scoring context runs over them instead of ``input_ids``, which still measure costs and latency.
     """
     state = state or FolderState()
     log = log or (lambda message: None)
@@ -203,7 +209,8 @@ def search_model(
             steps = completed  # the search finished earlier; only its outputs are missing
         else:
             reuse = method.selection == ONE_SHOT and saved is not None and bool(saved.get("ranking"))
-            context = None if reuse else ScoringContext.build(model, adapter, context_distance(config), input_ids,
+            scored_ids = objective.batches() if objective is not None else input_ids
+            context = None if reuse else ScoringContext.build(model, adapter, context_distance(config), scored_ids,
                                                               batch_size=config.batch_size)
             reference_seconds = time.perf_counter() - started
             bar = WorkProgress(enabled=progress and world.is_writer)
@@ -212,7 +219,8 @@ def search_model(
             try:
                 steps = find_steps(context, config, num_blocks=num_blocks, target=None if budget else target,
                                    completed=completed, on_step=save_progress, progress=bar, extras=extras,
-                                   budget=budget, saved=saved, save_state=save_state, log=log)
+                                   budget=budget, saved=saved, save_state=save_state, log=log,
+                                   objective=objective)
                 if context is not None:
                     rank_block_executions = world.all_gather(context.block_executions)
             finally:
@@ -225,6 +233,8 @@ def search_model(
         model.train(was_training)
     if costs:
         extras.update(cost_record(costs, config, [step.unit for step in steps]))
+    if objective is not None:
+        extras["objective"] = objective.info()
     if measure_gains:
         from finercut.budgets import GAINS_CONTEXT, run_gains
 
@@ -280,6 +290,8 @@ def prune(
     shapley_permutations: int | None = None,
     shapley_truncation: float | None = None,
     cost_target: str | None = None, cost_fraction: float | None = None, cost_context: int | None = None,
+    objective: str | None = None, objective_examples: int = 32, objective_fewshot: int | None = None,
+    generation: dict | None = None,
 ) -> PruneResult:
     """Find which sub-layers of an in-memory model to remove; the model is left unchanged.
 
@@ -295,8 +307,12 @@ def prune(
             (measured here first): instead of a ratio, remove the least distance per cost saved until the model
             costs at most ``cost_fraction`` of the dense model (:mod:`finercut.budgets`).
         input_ids: ``[samples, seq]`` ready calibration token ids (instead of sampling ``calibration``).
-        calibration: ``"wikitext2"`` or a ``.txt``/``.jsonl`` file, sampled into ``num_samples`` windows of
-            ``seq_len`` tokens with ``seed``.
+        calibration: ``"wikitext2"``, ``"tasks"`` (the task files' passages no evaluation reads) or a
+            ``.txt``/``.jsonl`` file, sampled into ``num_samples`` windows of ``seq_len`` tokens with ``seed``; or
+            ``"self"``: samples generated by the model itself (``generation``: ``temperature``, ``top_p``,
+            ``filter``, ``batch_size``, ``prompt``; :func:`finercut.synthetic.generate_calibration`).
+        objective: ``"task:NAME"``: score by the mean answer NLL of ``objective_examples`` examples of that task
+            that no evaluation reads (:mod:`finercut.scoring.task`), instead of the output distance.
 
     Returns:
         A :class:`PruneResult`; apply it with :func:`finercut.apply_removal` for a physically smaller model.
@@ -315,23 +331,38 @@ def prune(
         data_dir=str(data_folder) if data_folder else None, num_samples=num_samples, seq_len=seq_len, seed=seed,
         batch_size=batch_size, scorer=scorer, exhaustive=exhaustive, threads=torch.get_num_threads(),
         save_model=False, options=options, cost_target=cost_target, cost_fraction=cost_fraction,
-        cost_context=cost_context,
+        cost_context=cost_context, objective=objective, objective_examples=objective_examples,
+        objective_fewshot=objective_fewshot,
+        **{f"gen_{name}": value for name, value in (generation or {}).items()},
     )
     adapter_for(model)  # an unknown architecture fails here, before any calibration work
+    chosen = _task_requests(config)
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("pass a tokenizer, or calibration token ids as input_ids")
         source = resolve_source(calibration, config.data_dir)
         check_context_length(model.config, seq_len)
-        input_ids, calibration_info = calibration_samples(
-            tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed
-        )
+        if config.calibration == SELF_GENERATED:
+            from finercut.synthetic import generate_calibration
+
+            input_ids, calibration_info = generate_calibration(model, tokenizer, progress=progress,
+                                                               **generation_settings(config))
+        else:
+            input_ids, calibration_info = calibration_samples(
+                tokenizer, source, num_samples=num_samples, seq_len=seq_len, seed=seed
+            )
     else:
         check_context_length(model.config, input_ids.shape[1])
         calibration_info = {"source": "tensor", "description": "token ids passed through the API",
                             **samples_info(input_ids, seed=None)}
+    examples = None
+    if chosen is not None:
+        if tokenizer is None:
+            raise ValueError("a task objective needs the tokenizer (its examples are text)")
+        examples = chosen.tokenized(tokenizer, max_length=getattr(model.config, "max_position_embeddings", None))
     steps, record = search_model(model, config, input_ids, calibration_info=calibration_info,
-                                 model_info=_model_info(model), progress=progress, measure_gains=measure_gains)
+                                 model_info=_model_info(model), progress=progress, measure_gains=measure_gains,
+                                 objective=examples)
     return PruneResult(steps=steps, record=record)
 
 
@@ -384,9 +415,7 @@ def resolve_run_config(config: RunConfig, saved: RunConfig | None) -> RunConfig:
     source = resolve_model_source(config.model, config.revision)
     model = config.model if config.model is None or source.kind == "hub" else source.location
     data_dir = resolve_data_dir(config.data_dir)
-    calibration = config.calibration
-    if calibration != "wikitext2":
-        calibration = str(Path(calibration).expanduser().resolve())
+    calibration = canonical_calibration(config.calibration)
     threads = config.threads or (saved.threads if saved else None) or torch.get_num_threads()
     return config.replace(
         model=model, device=device, dtype=dtype, data_dir=str(data_dir) if data_dir else None,
@@ -464,6 +493,7 @@ def run_in_folder(
             "--output folder (a shorter run is a prefix of this one: see 'finercut apply --count')"
         )
     calibration_source = resolve_source(config.calibration, config.data_dir)
+    chosen = _task_requests(config)  # the objective's examples, read (and checked) before anything loads
     if recovery is not None:
         if not config.save_model:
             raise ConfigError("--recover saves a recovered model: it cannot be combined with --no-save-model")
@@ -479,17 +509,30 @@ def run_in_folder(
     # Cheap checks passed; load the tokenizer and draw the calibration samples (may still fail: too short).
     torch.set_num_threads(config.threads)
     tokenizer = world.local_first(lambda: load_tokenizer(source))  # a GGUF is converted once per node
-    input_ids, calibration_info = calibration_samples(
+    generated = config.calibration == SELF_GENERATED  # the samples need the model: drawn once it is loaded
+    if generated:
+        from finercut.synthetic import generation_start
+
+        generation_start(tokenizer, config.gen_prompt)  # a prompt the tokenizer cannot encode is refused now
+    input_ids, calibration_info = (None, None) if generated else calibration_samples(
         tokenizer, calibration_source, num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed
     )
-    if state.calibration_sha256 and state.calibration_sha256 != calibration_info["token_ids_sha256"]:
+    examples = chosen.tokenized(tokenizer, max_length=getattr(model_config, "max_position_embeddings", None)) \
+        if chosen is not None else None
+    changed = not generated and state.calibration_sha256 not in (None, calibration_info["token_ids_sha256"])
+    if changed:
         raise ConfigError(
             f"the calibration samples differ from those of the saved run in {output_dir} (the source text "
             "changed?); resume with the same data or start over with --overwrite"
         )
     model, model_info = load_model(source, dtype=config.dtype, device=config.device, device_map=config.device_map)
     model_info["identity"] = identity
-    if config.cost_target:  # counted (latency measured) now: an unreachable target is refused before any write
+    if generated and (output_dir / CALIBRATION_IDS_FILE).exists():  # a resumed run reads the samples it drew
+        from finercut.synthetic import load_calibration_ids
+
+        input_ids, calibration_info = load_calibration_ids(output_dir / CALIBRATION_IDS_FILE,
+                                                           state.calibration_sha256)
+    if config.cost_target and input_ids is not None:  # counted now: an unreachable target is refused before any write
         _run_budget(model, config, input_ids, state, num_blocks, world)
     world.barrier()  # every rank has read the folder and passed validation before rank 0 changes it
     lock = FolderLock(output_dir)
@@ -502,6 +545,11 @@ def run_in_folder(
                 discard_own_entries(output_dir)
             manifest = Manifest.read(output_dir)
             _write_own(manifest, RUN_FILE, {"format": RUN_FORMAT, "config": config.to_dict()})
+        if generated and input_ids is None:
+            input_ids, calibration_info = _generate_calibration(config, model, tokenizer, output_dir, manifest,
+                                                                state, world, progress=progress, log=log)
+            if config.cost_target:
+                _run_budget(model, config, input_ids, state, num_blocks, world)
         what = 'blocks' if config.granularity == 'block' else 'sub-layers'
         amount = (f"{what} until {config.cost_target} <= {config.cost_fraction:.1%} of the dense model"
                   if config.cost_target else f"{target} {what}")
@@ -520,7 +568,7 @@ def run_in_folder(
 
         steps, record = search_model(model, config, input_ids, calibration_info=calibration_info,
                                      model_info=model_info, state=state, progress=progress, log=log,
-                                     on_steps=write_progress)
+                                     on_steps=write_progress, objective=examples)
         if not world.is_writer:
             world.barrier()  # until rank 0 has written the outputs
             return PruneResult(steps=steps, record=record, output_dir=output_dir,
@@ -532,6 +580,42 @@ def run_in_folder(
         return result
     finally:
         lock.release()
+
+
+def _task_requests(config: RunConfig) -> Any:
+    """The task objective's examples (not yet tokenized), or None without one."""
+    if config.objective is None:
+        return None
+    from finercut.scoring.task import parse_objective, task_requests
+
+    return task_requests(parse_objective(config.objective), config.data_dir, num_examples=config.objective_examples,
+                         num_fewshot=config.objective_fewshot)
+
+
+def generation_settings(config: RunConfig) -> dict:
+    """The keyword arguments of :func:`finercut.synthetic.generate_calibration` a run's config gives."""
+    return {"num_samples": config.num_samples, "seq_len": config.seq_len, "seed": config.seed,
+            "temperature": config.gen_temperature, "top_p": config.gen_top_p, "perplexity_filter": config.gen_filter,
+            "batch_size": config.gen_batch_size, "prompt": config.gen_prompt}
+
+
+def _generate_calibration(config: RunConfig, model: nn.Module, tokenizer: Any, output_dir: Path, manifest: Any,
+                          state: FolderState, world: Any, *, progress: bool, log: Log) -> tuple[torch.Tensor, dict]:
+    """Self-generated calibration samples, generated once (rank 0) and cached in the run folder."""
+    from finercut.synthetic import cached_calibration, load_calibration_ids
+
+    path = output_dir / CALIBRATION_IDS_FILE
+    if world.is_writer:
+        log(f"finercut: generating {config.num_samples} calibration samples of {config.seq_len} tokens with the model "
+            "itself (--calibration self)")
+        manifest.claim(CALIBRATION_IDS_FILE)
+        ids, info = cached_calibration(path, model, tokenizer, expected_sha256=state.calibration_sha256,
+                                       progress=progress, **generation_settings(config))
+        manifest.finish(CALIBRATION_IDS_FILE, None)
+    world.barrier()
+    if not world.is_writer:
+        ids, info = load_calibration_ids(path, state.calibration_sha256)
+    return ids, info
 
 
 def model_output_key(removal_key: str) -> str:

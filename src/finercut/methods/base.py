@@ -140,6 +140,8 @@ class Selecting:
     progress: "WorkProgress | None" = None
     extras: dict = field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
+    objective: Any = None
+    """With a task objective: the :class:`finercut.scoring.task.TaskExamples` the context was built from."""
 
     @property
     def units(self) -> list[Unit]:
@@ -190,6 +192,8 @@ class Method:
     compare_entries: ClassVar[tuple[CompareEntry, ...]] = ()
     metric_alias: ClassVar[str | None] = None
     """A ``metric`` value that selects this method (BlockPruner: ``ppl``)."""
+    task_objective: ClassVar[bool] = False
+    """It can score by a task's answer likelihood (``--objective task:NAME``) instead of its own objective."""
 
     @property
     def prefix_consistent(self) -> bool:

@@ -24,6 +24,7 @@ class FinerCut(Method):
     cost_targets = True
     window = True
     scorer_options = True
+    task_objective = True
     compare_entries = (
         CompareEntry("finercut", "FinerCut", "sublayer", primary=True),
         CompareEntry("finercut_block", "FinerCut (block-level)", "block"),
@@ -34,7 +35,14 @@ class FinerCut(Method):
     def select(self, request: Selecting) -> list[Step]:
         config = request.config
         options = scorer_options(config)
-        scorer = SCORERS[config.scorer](request.context, exhaustive=config.exhaustive, **options)
+        if request.objective is not None:  # a task's answer likelihood instead of the output distance
+            from finercut.scoring.task import task_scorer
+
+            scorer = task_scorer(request.context, request.objective.examples, scorer=config.scorer,
+                                 exhaustive=config.exhaustive, **options)
+        else:
+            scorer = SCORERS[config.scorer](request.context, exhaustive=config.exhaustive, **options)
         request.extras["scoring"] = describe_scoring(request.context, scorer=config.scorer,
-                                                     exhaustive=config.exhaustive, **options)
+                                                     exhaustive=config.exhaustive, objective=config.objective,
+                                                     **options)
         return run_greedy(request, scorer, window_first_block=config.first_candidate_block(request.num_blocks))

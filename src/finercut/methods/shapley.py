@@ -27,6 +27,7 @@ class Shapley(OneShotMethod):
     objective = DISTANCE
     selection = ONE_SHOT
     options = ShapleyOptions
+    task_objective = True
     compare_entries = (CompareEntry("shapley", "Shapley (sub-layers)", "sublayer"),
                        CompareEntry("shapley_block", "Shapley (blocks)", "block"))
 
@@ -35,9 +36,16 @@ class Shapley(OneShotMethod):
 
         context, options = request.context, request.options
         started, executions = time.perf_counter(), context.block_executions
-        estimate = shapley_importance(context.model, context.adapter, context.metric, context.batches, request.units,
-                                      permutations=options.permutations, seed=request.config.seed,
-                                      truncation=options.truncation)
+        if request.objective is not None:  # the values of a task's answer likelihood (the study's adaptive values)
+            from finercut.scoring.task import task_shapley
+
+            estimate = task_shapley(context, request.objective.examples, request.units,
+                                    permutations=options.permutations, seed=request.config.seed,
+                                    truncation=options.truncation)
+        else:
+            estimate = shapley_importance(context.model, context.adapter, context.metric, context.batches,
+                                          request.units, permutations=options.permutations, seed=request.config.seed,
+                                          truncation=options.truncation)
         order = estimate.lowest(len(estimate.values))
         return Ranking(tuple(order), dict(estimate.values), time.perf_counter() - started,
                        context.block_executions - executions, {"importance": estimate.to_dict()})
