@@ -30,8 +30,10 @@ class WorkProgress:
         from tqdm.auto import tqdm
 
         self.enabled = enabled
+        # smoothing 0: the rate is the average since the start, not a moving average of bursts (the head and the
+        # distance run between block executions), so the time left follows the estimate of the work left
         self.bar = tqdm(total=1.0, desc=description, unit="blk", disable=not enabled, dynamic_ncols=True,
-                        bar_format=BAR_FORMAT)
+                        bar_format=BAR_FORMAT, smoothing=0)
         self._num_samples = 1
 
     def attach(self, context) -> None:
