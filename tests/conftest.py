@@ -12,6 +12,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(80)]
 
+# Tests run subprocesses from other folders (a pseudo-terminal in a temporary folder, a clone): a relative
+# FINERCUT_DATA_DIR would name another folder there, so it is made absolute once, for every child process.
+if os.environ.get("FINERCUT_DATA_DIR"):
+    os.environ["FINERCUT_DATA_DIR"] = str(Path(os.environ["FINERCUT_DATA_DIR"]).resolve())
+
 
 def shared_data_dir() -> Path | None:
     """The offline data folder: ``FINERCUT_DATA_DIR`` or ``../shared/data`` next to the repository."""
