@@ -15,12 +15,27 @@ many units are removed, each step one candidate fewer.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from finercut.candidates import Unit, step_candidates
 
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} blocks [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
+
+
+FALLBACK_COLUMNS, FALLBACK_ROWS = 120, 24
+
+
+def terminal_size() -> tuple[int, int]:
+    """``(columns, rows)`` of the terminal the bar is drawn on (standard error); zeros when it reports none or
+    is no terminal."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 class WorkProgress:
@@ -31,9 +46,13 @@ class WorkProgress:
 
         self.enabled = enabled
         # smoothing 0: the rate is the average since the start, not a moving average of bursts (the head and the
-        # distance run between block executions), so the time left follows the estimate of the work left
-        self.bar = tqdm(total=1.0, desc=description, unit="blk", disable=not enabled, dynamic_ncols=True,
-                        bar_format=BAR_FORMAT, smoothing=0)
+        # distance run between block executions), so the time left follows the estimate of the work left.
+        # A terminal that reports no size (a pseudo-terminal nobody sized: `script`, some CI runners and editors)
+        # makes tqdm draw nothing at all: a fixed size is used there instead.
+        columns, rows = terminal_size()
+        width = {"dynamic_ncols": True} if columns and rows else {"ncols": FALLBACK_COLUMNS, "nrows": FALLBACK_ROWS}
+        self.bar = tqdm(total=1.0, desc=description, unit="blk", disable=not enabled, bar_format=BAR_FORMAT,
+                        smoothing=0, **width)
         self._num_samples = 1
 
     def attach(self, context) -> None:
