@@ -95,7 +95,7 @@ def llama_cpp_or_skip() -> LlamaCpp:
             problem = f"the llama.cpp driver in {folder} is missing or older than {DRIVER_SOURCE.relative_to(REPO)}"
         else:
             return found
-    reason = f"{problem}: run `make llama-cpp` (tools/llama_cpp/build.sh, about 7 minutes, once)"
+    reason = f"{problem}: run `make llama-cpp` (tools/llama_cpp/build.sh, 7 to 10 minutes, once)"
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason}; {REQUIRE_ENV}=1 requires it", pytrace=False)
     pytest.skip(reason)

