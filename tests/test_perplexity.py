@@ -25,6 +25,7 @@ from finercut.evaluation import perplexity
 from finercut.evaluation.perplexity import (
     DATA_DIR_ENV,
     bos_token_to_prepend,
+    llama_cpp_perplexity,
     mean_next_token_nll,
     summed_nll,
     token_windows,
@@ -186,6 +187,30 @@ def test_bad_window_arguments_fail_before_any_work():
         windowed_perplexity(tiny_llama(), tiny_tokenizer(), data_dir="unused", window_length=1)
     with pytest.raises(ValueError, match="max_windows"):
         windowed_perplexity(tiny_llama(), tiny_tokenizer(), data_dir="unused", max_windows=0)
+
+
+@needs_data
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_llama_cpp_protocol_scores_the_second_half_of_each_chunk(first_rows_only, with_bos):
+    """llama-perplexity's loop, token by token: chunk i is ids[i*c:(i+1)*c] with its first token set to BOS (when the
+    tokenizer adds one), and the NLL of token j given tokens < j counts for j in c/2+1 .. c-1 only."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer(with_bos=with_bos)
+    result = llama_cpp_perplexity(model, tokenizer, data_dir=DATA_DIR, context=16, chunks=3, batch_size=2)
+    ids = tokenizer("\n\n".join(first_rows_only), add_special_tokens=True)["input_ids"]
+    assert (ids[0] == 0) == with_bos
+    nlls = []
+    for i in range(3):
+        chunk = ids[i * 16 : (i + 1) * 16]
+        if with_bos:
+            chunk[0] = 0
+        with torch.no_grad():
+            log_probs = F.log_softmax(model(torch.tensor([chunk])).logits[0].double(), dim=-1)
+        nlls += [-log_probs[j - 1, chunk[j]].item() for j in range(9, 16)]
+    assert result.num_tokens == len(nlls) == 21 and result.num_windows == 3
+    assert result.mean_nll == pytest.approx(sum(nlls) / len(nlls), rel=1e-5)
+    assert result.method.startswith("llama.cpp") and ("BOS (id 0)" in result.bos) == with_bos
+    with pytest.raises(ValueError, match="context"):
+        llama_cpp_perplexity(model, tokenizer, data_dir=DATA_DIR, context=2)
 
 
 # ------------------------------------------------------------------------------------------- lm-eval wikitext

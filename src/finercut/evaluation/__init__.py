@@ -6,6 +6,7 @@ The lm-eval based names are imported on first use, so the windowed perplexity wo
 from finercut.evaluation.perplexity import (
     LmEvalWikitextPerplexity,
     WindowedPerplexity,
+    llama_cpp_perplexity,
     lm_eval_wikitext_perplexity,
     windowed_perplexity,
     wikitext2_test_rows,
@@ -16,6 +17,7 @@ _LM_EVAL_BRIDGE = ("PAPER_TASKS", "TaskResults", "TaskScore", "evaluate_tasks", 
 __all__ = [
     "LmEvalWikitextPerplexity",
     "WindowedPerplexity",
+    "llama_cpp_perplexity",
     "lm_eval_wikitext_perplexity",
     "windowed_perplexity",
     "wikitext2_test_rows",

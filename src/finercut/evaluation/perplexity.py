@@ -1,4 +1,4 @@
-"""Perplexity on the WikiText-2 test split, by two methods that give different numbers; each result names its own.
+"""Perplexity on the WikiText-2 test split, by methods that give different numbers; each result names its own.
 
 * :func:`windowed_perplexity` -- the pruning literature's number (SparseGPT, SliceGPT, ShortGPT, ...): the test
   rows joined with ``"\\n\\n"``, tokenized once, cut into consecutive non-overlapping windows of fixed length;
@@ -6,6 +6,8 @@
 * :func:`lm_eval_wikitext_perplexity` -- lm-evaluation-harness's ``wikitext`` task: each Wikipedia article scored
   by rolling loglikelihood over the model's full context, reported per word, per byte and as bits per byte.
   Word perplexity is comparable across tokenizers.
+* :func:`llama_cpp_perplexity` -- llama.cpp's ``llama-perplexity`` protocol, for comparing a model with its GGUF
+  export run in llama.cpp: chunks of the text, each scored on its second half only.
 
 Data: the local ``<data_dir>/wikitext2/test.json`` (the hub's ``wikitext``/``wikitext-2-raw-v1`` test split as a
 file) when a data dir is given or ``$FINERCUT_DATA_DIR`` is set, else the hub via ``datasets``; never one silently
@@ -220,6 +222,78 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
                 row_logits[start : start + chunk].float(), row_targets[start : start + chunk], reduction="sum"
             ).item()
     return total
+
+
+# --------------------------------------------------------------------------------------------------- llama.cpp
+
+LLAMA_CPP_METHOD = "llama.cpp: llama-perplexity's chunks of the test text, each scored on its second half"
+
+
+def llama_cpp_perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    data_dir: str | Path | None = None,
+    context: int = 512,
+    chunks: int | None = None,
+    batch_size: int = 1,
+) -> WindowedPerplexity:
+    """Perplexity under the protocol of llama.cpp's ``llama-perplexity -f FILE -c CONTEXT --chunks CHUNKS``.
+
+    The file is the WikiText-2 test rows joined with ``"\\n\\n"`` (less one trailing newline, which
+    ``llama-perplexity`` drops when it reads a file), tokenized once with the tokenizer's special tokens, and cut
+    into consecutive chunks of ``context`` tokens; a chunk's first token is replaced by BOS where the tokenizer adds
+    one. Only the second half of each chunk is scored: the logits at positions ``context // 2`` to ``context - 2``
+    predict the tokens after them, ``context - context // 2 - 1`` tokens per chunk. perplexity =
+    exp(mean NLL). Pass llama.cpp's ``-c`` as ``context`` and its ``--chunks`` as ``chunks`` (None: all chunks).
+
+    Raises:
+        ConfigError: ``context < 4``, ``chunks < 1`` or ``batch_size < 1``.
+        DataError: the text is shorter than two chunks (``llama-perplexity`` refuses it too).
+    """
+    if context < 4:
+        raise ConfigError(f"context must be >= 4 to score anything, got {context}")
+    if chunks is not None and chunks < 1:
+        raise ConfigError(f"chunks must be >= 1 or None, got {chunks}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    rows = wikitext2_test_rows(data_dir)
+    text = "\n\n".join(rows)
+    text = text[:-1] if text.endswith("\n") else text
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    if len(ids) < 2 * context:
+        raise DataError(f"the text has {len(ids)} tokens; llama-perplexity needs at least {2 * context}")
+    available = len(ids) // context
+    count = available if chunks is None else min(chunks, available)
+    windows = torch.tensor(ids[: count * context]).view(count, context)
+    bos_id = bos_token_to_prepend(tokenizer)
+    if bos_id is not None:
+        windows[:, 0] = bos_id
+    first = context // 2
+
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, count, batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            total += summed_nll(logits[:, first:-1], batch[:, first + 1 :])
+    num_tokens = count * (context - first - 1)
+    mean_nll = total / num_tokens
+    return WindowedPerplexity(
+        method=LLAMA_CPP_METHOD,
+        ppl=math.exp(mean_nll),
+        mean_nll=mean_nll,
+        num_tokens=num_tokens,
+        num_windows=count,
+        window_length=context,
+        bos=(f"BOS (id {bos_id}) in place of every chunk's first token" if bos_id is not None
+             else "no BOS: the tokenizer adds none to encoded text"),
+        source=(f"WikiText-2 raw test ({wikitext2_source(data_dir)}, {len(rows)} rows) joined with '\\n\\n': "
+                f"{len(ids)} tokens; first {count} of {available} chunks of {context} tokens, positions "
+                f"{first + 1}-{context - 1} of each scored"),
+    )
 
 
 # --------------------------------------------------------------------------------------------------- lm-eval
