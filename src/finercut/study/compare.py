@@ -344,7 +344,7 @@ def _removed_parameters(model, sublayers: Sequence[Unit]) -> dict:
 def _fit_recovery(model, tokenizer, variant: Variant, config: CompareConfig, result: dict, path: Path,
                   log: Log) -> list:
     """Fit ``variant``'s replacements on the dense model; the first fit's cost is kept in the result."""
-    from finercut.recovery import fit_recovery, recovery_samples
+    from finercut.recovery import fit_recovery, fold_plan, recovery_samples, unrecovered_note
 
     options = parse_recovery_spec(variant.recovery)
     input_ids, _ = recovery_samples(tokenizer, input_ids=None, calibration=config.calibration,
@@ -352,6 +352,9 @@ def _fit_recovery(model, tokenizer, variant: Variant, config: CompareConfig, res
                                     seq_len=config.recovery_seq_len, seed=config.seed)
     log(f"compare: {variant.label} @ {variant.ratio:g}: fitting on {input_ids.numel()} tokens")
     replacements, errors, seconds = fit_recovery(model, list(variant.removed), input_ids, **options)
+    if options["method"] == FOLD:
+        for run in fold_plan(variant.removed, num_blocks=adapter_for(model).num_blocks(model))[1]:
+            log(unrecovered_note(run))
     if "fit" not in result:
         result["fit"] = {"seconds": seconds, "tokens": int(input_ids.numel()),
                          "extra_parameters": sum(r.parameters for r in replacements), "errors": errors}
