@@ -24,7 +24,6 @@ from finercut.errors import ConfigError
 from finercut.materialize import RecoveryOptions
 from finercut.pruned_modeling import ATTENTION, FFN
 from finercut.recovery import (
-    Fold,
     MomentSums,
     fit_fold,
     fit_linear,
