@@ -249,8 +249,8 @@ class RecoveryResult:
             "residual_error": self.residual_error,
         }
         if self.method == FOLD:
-            facts["folded"] = "weights: each run's map is merged into the output projection of the kept sub-layer " \
-                              "before it; the model has no replacement modules"
+            facts["folded"] = ("weights: each run's map is merged into the output projection of the kept sub-layer "
+                               "before it; the model has no replacement modules")
             facts["folds"] = [f.entry for f in self.folds]
             facts["unrecovered"] = [[u.to_dict() for u in run] for run in self.unrecovered]
         return facts
