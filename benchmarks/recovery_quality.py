@@ -54,6 +54,10 @@ VARIANTS = {
     "linear-run-dense": dict(method="linear", group="run", target="dense"),
     "linear": dict(method="linear"),
     "linear-dense": dict(method="linear", target="dense"),
+    "fold-sublayer": dict(method="fold", target="sublayer"),
+    "fold-dense": dict(method="fold", target="dense"),
+    "fold-sublayer-ridge10": dict(method="fold", target="sublayer", ridge=10.0),
+    "fold-dense-ridge10": dict(method="fold", target="dense", ridge=10.0),
 }
 
 
@@ -120,7 +124,7 @@ def main() -> None:
             _, result = recover(model, units, tokenizer=tokenizer, data_dir=args.data_dir, num_samples=args.samples,
                                 seq_len=args.seq_len, **options)
             row.update(fit_seconds=result.seconds, extra_parameters=result.extra_parameters,
-                       replacements=len(result.replacements), calibration_tokens=result.tokens,
+                       replacements=len(result.replacements or result.folds), calibration_tokens=result.tokens,
                        calibration=result.calibration["description"])
         row["parameters"] = parameter_stats(model).total_parameters
         row["dense_parameters"] = dense_parameters

@@ -64,7 +64,7 @@ def test_compare_recoveries_and_equal_budget_rows(tmp_path, config):
     from finercut.evaluation import windowed_perplexity
 
     config = dataclasses.replace(config, methods=("finercut", "shortgpt"), ratios=(0.0, 0.375),
-                                 recoveries=("bias", "linear-run"), equal_budget=True, recovery_samples=2,
+                                 recoveries=("bias", "linear-run", "fold"), equal_budget=True, recovery_samples=2,
                                  recovery_seq_len=10, tasks=("arc_easy",))
     output = tmp_path / "compare"
     text = run_compare(config, output, report=tmp_path / "results.md", log=lambda m: None,
@@ -74,16 +74,18 @@ def test_compare_recoveries_and_equal_budget_rows(tmp_path, config):
     rows = [line.split(" | ") for line in lines[header + 2 : lines.index("", header)]]
     assert [(r[0], r[1], r[3]) for r in rows] == [
         ("| Dense", "0%", "0"), ("| FinerCut", "38%", "3"), ("| FinerCut + bias", "38%", "3"),
-        ("| FinerCut + linear-run", "38%", "3"), ("| FinerCut", "38%", "4"), ("| ShortGPT", "38%", "4")]
+        ("| FinerCut + linear-run", "38%", "3"), ("| FinerCut + fold", "38%", "3"), ("| FinerCut", "38%", "4"),
+        ("| ShortGPT", "38%", "4")]
     record = json.loads((output / "runs" / "finercut" / "record.json").read_text())
     assert len(record["removed"]) == 4, "the FinerCut run is extended to the block methods' count"
 
     results = [json.loads(p.read_text()) for p in (output / "results").glob("*.json") if "stats" not in p.name]
     recovered = {r["recovery"]["recovery"]: r for r in results if "recovery" in r}
-    assert set(recovered) == {"bias", "linear-run"}
+    assert set(recovered) == {"bias", "linear-run", "fold"}
     removed = [Unit.from_dict(u) for u in record["removed"][:3]]
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    for spec, options in (("bias", dict(method="bias")), ("linear-run", dict(method="linear", group="run"))):
+    for spec, options in (("bias", dict(method="bias")), ("linear-run", dict(method="linear", group="run")),
+                          ("fold", dict(method="fold"))):
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
         dense_parameters = sum(p.numel() for p in model.parameters())
         model, fit = recover(model, removed, tokenizer=tokenizer, calibration=config.calibration,
@@ -92,7 +94,8 @@ def test_compare_recoveries_and_equal_budget_rows(tmp_path, config):
                                        max_windows=config.ppl_max_windows)
         result = recovered[spec]
         assert result["stages"]["windowed_perplexity"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
-        assert result["fit"]["extra_parameters"] == fit.extra_parameters > 0
+        assert result["fit"]["extra_parameters"] == fit.extra_parameters
+        assert (fit.extra_parameters > 0) == (spec != "fold")
         net = result["parameters"]["removed"] - result["fit"]["extra_parameters"]
         assert dense_parameters - sum(p.numel() for p in model.parameters()) == net
     assert "| FinerCut + linear-run | 38% |" in text.split("Recovery without fine-tuning")[1]

@@ -112,7 +112,8 @@ BAD_RECOVERY = [
     ["--recover", "lowrank", "--rank", "100000"], ["--recover", "linear", "--ridge", "nan"],
     ["--recover", "linear", "--ridge", "-1"], ["--recover", "linear", "--recover-samples", "0"],
     ["--recover", "linear", "--recover-seq-len", "0"], ["--recover", "linear", "--recover-seq-len", "100000"],
-    ["--recover", "magic"], ["--recover", "linear", "--no-save-model"],
+    ["--recover", "magic"], ["--recover", "linear", "--no-save-model"], ["--recover", "fold", "--rank", "3"],
+    ["--recover", "fold", "--recover-group", "sublayer"],
 ]
 
 

@@ -42,6 +42,14 @@ class ArchitectureAdapter:
     num_layers: str = "num_hidden_layers"
     logit_softcap: str | None = None
     """Config attribute holding the final-logit soft-capping value (Gemma 2/3), if the family has one."""
+    attention_output: str = "o_proj"
+    ffn_output: str = "down_proj"
+    """The output projections (paths from the attention / FFN module): the last linear map of each sub-layer,
+    whose output the block adds to the residual stream as is. An ``nn.Linear``, a GPT-2 ``Conv1D`` or a stack of
+    expert weights ``[experts, hidden, width]`` (an MoE FFN's output is a gate-weighted sum of its experts', so a
+    map folded into every expert's projection maps the sum). See :func:`finercut.recovery.fold_into_projection`."""
+    fold_refusal: str | None = None
+    """Why a linear map cannot be folded exactly into this family's output projections (None: it can)."""
 
     def module_names(self) -> dict[str, Any]:
         """The layout entry that lets :mod:`finercut.pruned_modeling` find the sub-layers without this registry."""
@@ -54,6 +62,22 @@ class ArchitectureAdapter:
             "layer_idx": self.layer_idx,
             "num_layers": self.num_layers,
         }
+
+    def output_projection(self, block: nn.Module, kind: str) -> nn.Module | nn.Parameter:
+        """The output projection of ``block``'s attention (``kind`` ``"attention"``) or FFN (``"ffn"``)."""
+        path = f"{self.attention}.{self.attention_output}" if kind == "attention" else f"{self.ffn}.{self.ffn_output}"
+        owner, _, name = path.rpartition(".")
+        return getattr(block.get_submodule(owner), name)
+
+    def fold_problem(self, config: Any) -> str | None:
+        """Why recovery by folding into the output projections is not exact for a model of this ``config``, or None.
+        """
+        if self.fold_refusal is not None:
+            return self.fold_refusal
+        if getattr(config, "use_parallel_residual", False):
+            return ("its blocks have a parallel residual (attention and FFN read the same input and share one "
+                    "residual add), so no sub-layer's output is the stream a removed run would have read")
+        return None
 
     def blocks_of(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -155,12 +179,15 @@ _SANDWICH_NORMS = dict(
     attention_norms=("input_layernorm", "post_attention_layernorm"),
     ffn_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
     logit_softcap="final_logit_softcapping",
+    fold_refusal="a norm is applied to every sub-layer's output before the residual add (post-attention and "
+                 "post-feedforward norms), so a map folded into the output projection would be normalised away",
 )
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     _pre_norm("llama", ("llama",)),
     _pre_norm("mistral", ("mistral",)),
-    _pre_norm("mixtral", ("mixtral",)),  # ffn = the sparse MoE block (router + experts) as one candidate
+    # ffn = the sparse MoE block (router + experts) as one candidate; its output projection, the experts' stack
+    _pre_norm("mixtral", ("mixtral",), ffn_output="experts.down_proj"),
     _pre_norm("qwen2", ("qwen2",)),
     _pre_norm("qwen3", ("qwen3",)),
     _pre_norm("gemma", ("gemma",)),
@@ -177,6 +204,8 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         ffn_norms=("ln_2",),
         final_norm="transformer.ln_f",
         head="lm_head",
+        attention_output="c_proj",
+        ffn_output="c_proj",
     ),
     ArchitectureAdapter(
         # Parallel residual (h + Attn(LN1 h) + FFN(LN2 h)) or sequential, per config.use_parallel_residual: the
@@ -190,6 +219,8 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         ffn_norms=("post_attention_layernorm",),
         final_norm="gpt_neox.final_layer_norm",
         head="lm_head",
+        attention_output="dense",
+        ffn_output="dense_4h_to_h",
     ),
 )
 

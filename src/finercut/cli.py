@@ -42,14 +42,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_recovery_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recovery (no fine-tuning; see finercut.recover)")
-    group.add_argument("--recover", choices=("bias", "lowrank", "linear"),
+    group.add_argument("--recover", choices=("bias", "lowrank", "linear", "fold"),
                        help="replace the removed sub-layers by a fitted mean output (bias) or least-squares map of "
-                            "their input (lowrank needs --rank, linear is full rank), saved in the model folder")
+                            "their input (lowrank needs --rank, linear is full rank), saved in the model folder; "
+                            "or fold: a least-squares map per run of removed sub-layers merged into the output "
+                            "projection before it (no extra parameters; the exports accept the model)")
     group.add_argument("--rank", type=int, help="rank of the lowrank replacements")
     group.add_argument("--ridge", type=float, default=0.0, help="ridge term of the least-squares fit (default 0)")
-    group.add_argument("--recover-group", choices=("sublayer", "run"), default="sublayer",
-                       help="one replacement per removed sub-layer (default) or per run of consecutive ones")
-    group.add_argument("--recover-target", choices=("sublayer", "dense"), default="sublayer",
+    group.add_argument("--recover-group", choices=("sublayer", "run"),
+                       help="one replacement per removed sub-layer (default) or per run of consecutive ones (fold: "
+                            "always per run)")
+    group.add_argument("--recover-target", choices=("sublayer", "dense"),
                        help="fit the removed sub-layers' own output (default) or the dense model's stream after them")
     group.add_argument("--recover-samples", type=int, default=32, help="calibration windows of the fit (default 32)")
     group.add_argument("--recover-seq-len", type=int, default=512, help="tokens per window (default 512)")
@@ -61,9 +64,11 @@ def _recovery_options(args: argparse.Namespace, *, data_dir: str | None = None) 
     from finercut.materialize import RecoveryOptions
 
     if not args.recover:
-        for flag, given in (("--rank", args.rank is not None), ("--ridge", args.ridge != 0.0)):
+        for flag, given in (("--rank", args.rank is not None), ("--ridge", args.ridge != 0.0),
+                            ("--recover-group", args.recover_group is not None),
+                            ("--recover-target", args.recover_target is not None)):
             if given:
-                raise ConfigError(f"{flag} is an option of --recover; add --recover lowrank (or linear)")
+                raise ConfigError(f"{flag} is an option of --recover; add --recover lowrank (or linear, fold)")
         return None
     return RecoveryOptions(method=args.recover, rank=args.rank, ridge=args.ridge, group=args.recover_group,
                            target=args.recover_target, num_samples=args.recover_samples,
@@ -416,10 +421,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if args.dtype not in DTYPES:
             raise ConfigError(f"invalid dtype {args.dtype!r}: choose {', '.join(DTYPES)}")
     check_save_target(Path(args.output), overwrite=args.overwrite)
-    if args.model is not None:
-        from finercut.modelio import resolve_model_source
+    if args.model is not None or recovery is not None:
+        from finercut.modelio import load_config, resolve_model_source
 
-        resolve_model_source(args.model)
+        source = resolve_model_source(args.model if args.model is not None else record.config.model,
+                                      None if args.model is not None else record.config.revision)
+        if recovery is not None:
+            recovery.check_model(load_config(source))  # from the config alone, before the weights load
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
@@ -661,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--recover", default="",
                          help="comma-separated recoveries evaluated for every FinerCut model: bias, linear, "
                               "lowrank<R> (e.g. lowrank64), each optionally -run (one replacement per run of "
-                              "consecutive removed sub-layers)")
+                              "consecutive removed sub-layers), and fold (merged into the weights)")
     compare.add_argument("--recover-samples", type=int, default=32, help="calibration windows of the fits")
     compare.add_argument("--recover-seq-len", type=int, default=512, help="tokens per fitting window")
     _add_method_options(compare.add_argument_group("method options (for that method's runs)"))

@@ -30,8 +30,10 @@ class RecoveryOptions:
     method: str
     rank: int | None = None
     ridge: float = 0.0
-    group: str = "sublayer"
-    target: str = "sublayer"
+    group: str | None = None
+    """None: the method's default (``sublayer``; ``run`` for ``fold``)."""
+    target: str | None = None
+    """None: the method's default (``sublayer``; :data:`finercut.recovery.FOLD_TARGET` for ``fold``)."""
     num_samples: int = 32
     seq_len: int = 512
     data_dir: str | None = None
@@ -39,11 +41,14 @@ class RecoveryOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from finercut.recovery import TARGETS, check_recovery_options
+        from finercut.recovery import TARGETS, check_recovery_options, default_group, default_target
 
         if not isinstance(self.ridge, (int, float)) or not math.isfinite(self.ridge):
             raise ConfigError(f"--ridge must be a finite number >= 0, got {self.ridge}")
         check_recovery_options(self.method, rank=self.rank, ridge=self.ridge, group=self.group)
+        # the defaults resolved here, so the signature of an explicit default equals the default's
+        object.__setattr__(self, "group", self.group or default_group(self.method))
+        object.__setattr__(self, "target", self.target or default_target(self.method))
         if self.target not in TARGETS:
             raise ConfigError(f"unknown recovery target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.num_samples < 1:
@@ -53,6 +58,10 @@ class RecoveryOptions:
 
     def check_model(self, model_config: Any) -> None:
         """Refuse a recovery this model cannot take, from its config alone (before the weights load)."""
+        from finercut.recovery import FOLD, check_foldable
+
+        if self.method == FOLD:
+            check_foldable(model_config)
         hidden = getattr(model_config, "hidden_size", None)
         if self.rank is not None and hidden is not None and self.rank > hidden:
             raise ConfigError(f"--rank {self.rank} exceeds the model's hidden size {hidden}; use at most {hidden}")
@@ -125,13 +134,10 @@ def pruned_from_record(
         model, result = recover(
             model, prefix.removed, tokenizer=tokenizer, num_blocks=record.num_blocks,
             data_dir=recovery.data_dir if recovery.data_dir is not None else record.config.data_dir,
-            **recovery.fit_options(),
+            log=log, **recovery.fit_options(),
         )
         if log:
-            share = result.extra_parameters / dense_stats.total_parameters
-            log(f"finercut: {recovery.method} recovery of {len(prefix.steps)} units: {len(result.replacements)} "
-                f"replacements, {result.extra_parameters:,} extra parameters ({share:.2%} of dense), fitted in "
-                f"{result.seconds:.1f} s")
+            log(result.summary(len(prefix.steps), dense_stats.total_parameters))
     return PrunedModel(model, tokenizer, prefix, dense_stats, result)
 
 

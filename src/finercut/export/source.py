@@ -117,7 +117,8 @@ def check_llama_family(config: Any, blocks: Sequence[KeptBlock], format_name: st
     base = layout["base_model_type"]
     if layout.get("replacements"):
         raise ExportError(f"--format {format_name}: the model replaces removed sub-layers by fitted maps (recovery); "
-                          "the DeciLM and GGUF layouts have no place for them. Export the model without recovery")
+                          "the DeciLM and GGUF layouts have no place for them. Export the model without recovery, "
+                          "or recovered with --recover fold (merged into the weights)")
     if base not in LLAMA_FAMILY:
         raise ExportError(f"--format {format_name} writes Llama-family models ({', '.join(LLAMA_FAMILY)}); this model "
                           f"is {base!r}, whose blocks the DeciLM layout cannot express")

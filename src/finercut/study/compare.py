@@ -28,12 +28,12 @@ from finercut.errors import ConfigError
 from finercut.jsonio import read_json, write_json_atomic
 from finercut.methods import CompareEntry, Method, compare_entries, method_named
 from finercut.methods.base import options_from_dict
-from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+from finercut.modelio import load_config, load_model, load_tokenizer, resolve_model_source
 from finercut.plots import plot_layer_map, plot_metric_vs_ratio
 from finercut.record import Record, RunConfig, config_differences, read_record, read_run_config, removal_summary
 from finercut.recovery import DEFAULT_NUM_SAMPLES as DEFAULT_RECOVERY_SAMPLES
 from finercut.recovery import DEFAULT_SEQ_LEN as DEFAULT_RECOVERY_SEQ_LEN
-from finercut.recovery import masked_with_replacements, parse_recovery_spec
+from finercut.recovery import FOLD, FOLD_TARGET, check_foldable, masked_with_replacements, parse_recovery_spec
 from finercut.run import resolve_run_config, run_in_folder
 from finercut.study.table import compare_series, recovery_table, results_table
 
@@ -134,8 +134,11 @@ class CompareConfig:
 
     def recovery_settings(self, spec: str) -> dict:
         """What a recovered variant's evaluation depends on beyond the removed sub-layers and the evaluation."""
-        return {"recovery": spec, "calibration": self.calibration, "num_samples": self.recovery_samples,
-                "seq_len": self.recovery_seq_len, "seed": self.seed}
+        settings = {"recovery": spec, "calibration": self.calibration, "num_samples": self.recovery_samples,
+                    "seq_len": self.recovery_seq_len, "seed": self.seed}
+        if spec == FOLD:
+            settings["target"] = FOLD_TARGET
+        return settings
 
     def run_config(self, name: str, ratio: float) -> RunConfig:
         """The run of compare entry ``name`` at ``ratio``."""
@@ -341,7 +344,7 @@ def _removed_parameters(model, sublayers: Sequence[Unit]) -> dict:
 def _fit_recovery(model, tokenizer, variant: Variant, config: CompareConfig, result: dict, path: Path,
                   log: Log) -> list:
     """Fit ``variant``'s replacements on the dense model; the first fit's cost is kept in the result."""
-    from finercut.recovery import fit_recovery, recovery_samples
+    from finercut.recovery import fit_recovery, fold_plan, recovery_samples, unrecovered_note
 
     options = parse_recovery_spec(variant.recovery)
     input_ids, _ = recovery_samples(tokenizer, input_ids=None, calibration=config.calibration,
@@ -349,6 +352,9 @@ def _fit_recovery(model, tokenizer, variant: Variant, config: CompareConfig, res
                                     seq_len=config.recovery_seq_len, seed=config.seed)
     log(f"compare: {variant.label} @ {variant.ratio:g}: fitting on {input_ids.numel()} tokens")
     replacements, errors, seconds = fit_recovery(model, list(variant.removed), input_ids, **options)
+    if options["method"] == FOLD:
+        for run in fold_plan(variant.removed, num_blocks=adapter_for(model).num_blocks(model))[1]:
+            log(unrecovered_note(run))
     if "fit" not in result:
         result["fit"] = {"seconds": seconds, "tokens": int(input_ids.numel()),
                          "extra_parameters": sum(r.parameters for r in replacements), "errors": errors}
@@ -380,7 +386,9 @@ def run_compare(config: CompareConfig, output_dir: str | Path, *, report: str | 
 
     output_dir = Path(output_dir).expanduser().resolve()
     check_output_location(output_dir)  # refused before anything is written: the folder, the model, the data
-    resolve_model_source(config.model)
+    source = resolve_model_source(config.model)
+    if FOLD in config.recoveries:
+        check_foldable(load_config(source))  # from the config alone, before any pruning
     resolve_source(config.calibration, resolve_data_dir(config.data_dir))
     if report is not None:
         check_output_location(Path(report).expanduser().resolve().parent)
