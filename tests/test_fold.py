@@ -332,15 +332,19 @@ def test_the_exports_accept_a_folded_model_and_reload_to_its_logits(removed, ggu
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
-    recover(model, removed, method="fold", input_ids=tiny_input_ids(samples=8))
-    save_pruned(model, tmp_path / "folded")
+    _, result = recover(model, removed, method="fold", input_ids=tiny_input_ids(samples=8))
+    save_pruned(model, tmp_path / "folded", provenance={"recovery": result.to_dict()})
     ids = tiny_input_ids()
     expected = logits(model, ids)
 
     deci, _ = export_model(tmp_path / "folded", format="decilm", output=tmp_path / "deci")
     torch.testing.assert_close(logits(load_decilm(deci), ids), expected, rtol=0, atol=1e-5)
+    recorded = json.loads((deci / "finercut_export.json").read_text())["recovery"]
+    assert recorded["method"] == "fold" and recorded["folds"] == [f.entry for f in result.folds]
     path, _ = export_model(tmp_path / "folded", format="gguf", output=tmp_path / "out" / "m.gguf")
-    assert gguf_metadata(path)[0]["general.architecture"] == gguf_layout
+    fields = gguf_metadata(path)[0]
+    assert fields["general.architecture"] == gguf_layout
+    assert json.loads(fields["finercut.recovery"])["folds"] == recorded["folds"]
     if gguf_layout == "deci":
         reloaded = deci_reference_from_gguf(path)
     else:

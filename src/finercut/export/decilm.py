@@ -237,7 +237,7 @@ def write_decilm(source: PrunedSource, output: str | Path, *, overwrite: bool = 
 
 def export_info(source: PrunedSource, format_name: str) -> dict[str, Any]:
     """What was exported from what: the pruned folder, the dense model, and each block's remaining sub-layers."""
-    return {
+    info = {
         "format": format_name,
         "pruned_model": str(source.folder),
         "source_model": source.source_model,
@@ -245,6 +245,9 @@ def export_info(source: PrunedSource, format_name: str) -> dict[str, Any]:
         "blocks": [{"block": b.index, "dense_block": b.dense_index, "attention": b.attention, "ffn": b.ffn}
                    for b in source.blocks],
     }
+    if source.recovery_summary() is not None:
+        info["recovery"] = source.recovery_summary()
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------------------------

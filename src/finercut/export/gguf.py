@@ -189,6 +189,8 @@ def write_gguf(source: PrunedSource, output: str | Path, *, outtype: str = "f32"
         writer.add_vocab_size(config.vocab_size)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_string("finercut.removed", json.dumps(source.layout["removed"]))
+        if source.recovery_summary() is not None:  # e.g. a fold: the weights already hold it
+            writer.add_string("finercut.recovery", json.dumps(source.recovery_summary()))
         notes.append(_add_tokenizer(writer, source))
         for name, tensor in tensors.items():
             writer.add_tensor(name, _array(tensor, outtype))

@@ -47,6 +47,15 @@ class PrunedSource:
     blocks: list[KeptBlock]
     source_model: dict[str, Any]
     """The dense model the run pruned, as the record describes it (``kind``, ``location``, ``id``...); may be empty."""
+    recovery: dict[str, Any] | None = None
+    """The recovery the pruned folder records (a fold: its options, where each run went, what stayed unrecovered)."""
+
+    def recovery_summary(self) -> dict[str, Any] | None:
+        """What an export repeats about the recovery (None without one)."""
+        if not self.recovery:
+            return None
+        keys = ("method", "target", "ridge", "group", "folded", "folds", "unrecovered")
+        return {key: self.recovery[key] for key in keys if key in self.recovery}
 
     @property
     def base_model_type(self) -> str:
@@ -104,7 +113,8 @@ def load_source(path: str | Path) -> PrunedSource:
     provenance = read_json(report, what="pruning report", expect=dict).get("provenance", {}) if report.is_file() else {}
     layout = getattr(model.config, LAYOUT_KEY)
     return PrunedSource(model=model, tokenizer=tokenizer, folder=folder, layout=layout,
-                        blocks=kept_block_list(layout), source_model=dict(provenance.get("source_model") or {}))
+                        blocks=kept_block_list(layout), source_model=dict(provenance.get("source_model") or {}),
+                        recovery=provenance.get("recovery") or None)
 
 
 def check_llama_family(config: Any, blocks: Sequence[KeptBlock], format_name: str) -> None:
