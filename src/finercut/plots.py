@@ -94,14 +94,16 @@ def plot_step_scores(steps: Sequence[dict], path: Path, *, title: str) -> Path:
             drawn["bound"] = True
         if step.get("distance"):
             ax.scatter([column], [step["distance"]], s=30, color="black", zorder=3,
-                       label="removed" if column == 1 else None)
+                       label=None if drawn.get("removed") else "removed")
+            drawn["removed"] = True
     if drawn["complete"] or drawn["bound"]:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("distance to the original output")
     ax.set_xticks(range(1, len(steps) + 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

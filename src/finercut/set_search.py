@@ -55,6 +55,11 @@ class SearchTrace:
     evaluations_at_start: int = 0
 
     def attach(self, scorer: Any) -> None:
+        """Count ``scorer``'s evaluations from now on (a search continuing another on the same scorer keeps
+        counting)."""
+        if scorer is self.scorer:
+            return
+        self.evaluations_before = self.evaluations
         self.scorer = scorer
         self.evaluations_at_start = scorer.evaluations
 
@@ -70,6 +75,11 @@ class SearchTrace:
         if not self.improvements or objective < self.improvements[-1]["objective"]:
             self.improvements.append({"evaluations": self.evaluations, "objective": objective,
                                       "seconds": self.seconds})
+
+    def moved(self, objective: float) -> None:
+        """A search starting from a set other than the best so far (EvoPress's start under equal counts per kind,
+        when greedy's set has other counts): its objective is the point to improve on from here."""
+        self.improvements.append({"evaluations": self.evaluations, "objective": objective, "seconds": self.seconds})
 
     def to_state(self) -> dict:
         return {"evaluations": self.evaluations, "seconds": self.seconds, "improvements": list(self.improvements)}
@@ -472,7 +482,10 @@ def evopress_search(
         parent = sorted_units(start)
         fitness = scorer.score(parent).distance
         start_distance, accepted, first_generation = fitness, 0, 0
-        trace.improved(fitness)
+        if trace.improvements and trace.improvements[-1]["objective"] < fitness:
+            trace.moved(fitness)
+        else:
+            trace.improved(fitness)
     for generation in range(first_generation, generations):
         rng = random.Random(f"evopress:{seed}:{generation}")
         children: list[list[Unit]] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from finercut.candidates import Unit
 from finercut.errors import ConfigError
 from finercut.methods.base import DISTANCE, SEARCH, Method, Selecting, option
 from finercut.methods.setsearch import SearchRun, check_set_search, set_scorer, set_steps, window_of
@@ -29,26 +30,31 @@ class SwapOptions:
                                          help="stop after this many set evaluations (default: at a local optimum)")
 
 
-def start_units(folder: str, config, num_blocks: int | None = None) -> list:
-    """The removals of the run in ``folder``, checked against this run's granularity, ``only`` and count."""
-    from finercut.record import read_record
+def start_units(folder: str, config, num_blocks: int) -> list[Unit]:
+    """The removals of the run in ``folder`` (its ``record.json``), checked against this run's granularity,
+    ``only``, model size and count."""
+    from finercut.jsonio import read_json
 
     path = Path(folder).expanduser()
+    path = path / "record.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"--start {folder}: no record.json (give a finished run folder)")
+    data = read_json(path, expect=dict, what="record")
     try:
-        record = read_record(path)
-    except ConfigError as error:
-        raise ConfigError(f"--start {folder}: {error}") from None
-    if record.granularity != config.granularity or record.config.only != config.only:
-        raise ConfigError(f"--start {folder}: its run removed {record.granularity} units"
-                          f"{f' ({record.config.only} only)' if record.config.only else ''}, this one "
-                          f"{config.granularity}{f' ({config.only} only)' if config.only else ''}")
-    blocks = num_blocks or record.num_blocks
-    if record.num_blocks != blocks:
-        raise ConfigError(f"--start {folder}: its model has {record.num_blocks} blocks, this one {blocks}")
-    if config.cost_target is None and len(record.removed) != config.target(blocks):
-        raise ConfigError(f"--start {folder}: it removed {len(record.removed)} units, this run removes "
-                          f"{config.target(blocks)}")
-    return record.removed
+        removed = [Unit.from_dict(entry) for entry in data["removed"]]
+        granularity, only = data["granularity"], (data.get("config") or {}).get("only")
+        blocks = int(data["model"]["num_blocks"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"--start {folder}: not a complete finercut record ({error})") from None
+    if granularity != config.granularity or only != config.only:
+        raise ConfigError(f"--start {folder}: its run removed {granularity} units{f' ({only} only)' if only else ''}, "
+                          f"this one {config.granularity}{f' ({config.only} only)' if config.only else ''}")
+    if blocks != num_blocks:
+        raise ConfigError(f"--start {folder}: its model has {blocks} blocks, this one {num_blocks}")
+    if len(removed) != config.target(num_blocks):
+        raise ConfigError(f"--start {folder}: it removed {len(removed)} units, this run removes "
+                          f"{config.target(num_blocks)}")
+    return removed
 
 
 class Swap(Method):
@@ -75,12 +81,13 @@ class Swap(Method):
         else:
             greedy = run.greedy(scorer)
             start, greedy_objective = greedy.best.order, greedy.best.distance
-        window = window_of(request)
-        if not window.admits(start):
-            raise ConfigError("the start set does not obey the candidate window of this run (--window-until, "
-                              "--window-fraction); give a start run made with the same window")
+        admits = window_of(request).admits
+        if not admits(start):
+            request.log("finercut: the start set does not obey this run's candidate window (--window-until, "
+                        "--window-fraction); the swaps are not restricted by it")
+            admits = _any_set
         result = swap_search(
-            scorer, units=request.units, start=start, admits=window.admits,
+            scorer, units=request.units, start=start, admits=admits,
             max_evaluations=config.options.max_evaluations, exhaustive=config.exhaustive,
             state=run.saved.get("swap"), on_state=lambda state: run.save("search", "swap", state), trace=run.trace)
         request.progress.write(f"swap: distance {result.start_distance:.6g} -> {result.distance:.6g} after "
@@ -91,6 +98,10 @@ class Swap(Method):
         request.extras["search"] = search
         return set_steps(result.units, result.distance, block_executions=search["block_executions"],
                          seconds=search["seconds"])
+
+
+def _any_set(units) -> bool:
+    return True
 
 
 __all__ = ["Swap", "SwapOptions", "start_units"]
