@@ -110,7 +110,8 @@ def test_the_registry_declares_what_each_builtin_method_is():
         "evopress": (SEARCH, "distance", ("sublayer", "block"), True, False, True),
     }
     assert set(compare_entries()) == {"finercut", "finercut_block", "finercut_attention", "finercut_ffn", "shortgpt",
-                                      "deeper_layers", "random", "shapley", "shapley_block", "blockpruner"}
+                                      "deeper_layers", "random", "shapley", "shapley_block", "blockpruner", "beam",
+                                      "swap", "evopress"}
     assert [e.name for _, e in compare_entries().values() if e.primary] == ["finercut"]
 
 

@@ -123,3 +123,25 @@ def test_records_written_before_searches_still_load(tmp_path, greedy_run):
     data = greedy_run.to_dict()
     assert "search" not in data
     assert Record.from_dict(json.loads(json.dumps(data))).search is None
+
+
+def test_the_report_draws_objective_vs_evaluations_for_a_run_and_a_compare_folder(tmp_path, tiny_model_dir,
+                                                                                  word_text, one_thread):
+    import dataclasses
+
+    from finercut.study.compare import CompareConfig
+    from finercut.study.report import write_report
+
+    folder = tmp_path / "compare"
+    config = CompareConfig(model=str(tiny_model_dir), methods=("beam", "swap"), ratios=(0.0, 0.25),
+                           tasks=("arc_easy",), limit=2)
+    (folder / "runs").mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps(dataclasses.asdict(config)))
+    for method in ("beam", "swap"):
+        in_process(prune_args(tiny_model_dir, word_text, folder / "runs" / f"{method}-r0.25", "--ratio", "0.25",
+                              "--method", method, "--no-save-model"))
+    run_page = write_report(folder / "runs" / "swap-r0.25", tmp_path / "run.html").read_text()
+    assert "<h2>Search</h2>" in run_page and 'alt="objective vs evaluations"' in run_page
+    compare_page = write_report(folder, tmp_path / "compare.html").read_text()
+    assert compare_page.count('alt="searches"') == 1
+    assert "<h2>Search</h2>" not in compare_page  # the searches are not primary entries: no run sections

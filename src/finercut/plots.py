@@ -126,6 +126,27 @@ def plot_metric_vs_ratio(
     return _save(fig, path)
 
 
+def plot_search_progress(series: dict[str, Sequence[tuple[float, float]]], path: Path, *, title: str) -> Path:
+    """One line per search of ``(evaluations, objective)`` points (a record's ``search.improvements``): the
+    distance of the best removal set found against the set evaluations spent, as steps, log scale."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, points in series.items():
+        points = sorted(points)
+        if not points:
+            continue
+        ax.plot([n for n, _ in points], [v for _, v in points], drawstyle="steps-post", marker="o", markersize=3,
+                label=name)
+    ax.set_xlabel("set evaluations")
+    ax.set_ylabel("distance of the removal set")
+    if any(v > 0 for points in series.values() for _, v in points):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     """Write a finished figure to ``path`` (creating its folder) and free it."""
     fig.tight_layout()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finercut.methods.base import DISTANCE, SEARCH, Method, Selecting, option
+from finercut.methods.base import DISTANCE, SEARCH, CompareEntry, Method, Selecting, option
 from finercut.methods.setsearch import SearchRun, check_set_search, search_lines, set_scorer
 from finercut.search import Step
 from finercut.set_search import beam_search
@@ -31,6 +31,7 @@ class Beam(Method):
     window = True
     scorer_options = True
     task_objective = True
+    compare_entries = (CompareEntry("beam", "Beam search", "sublayer"),)
     options = BeamOptions
 
     def check(self, config) -> None:

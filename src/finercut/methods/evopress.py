@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from finercut.errors import ConfigError
-from finercut.methods.base import DISTANCE, SEARCH, Method, Selecting, option
+from finercut.methods.base import DISTANCE, SEARCH, CompareEntry, Method, Selecting, option
 from finercut.methods.setsearch import SearchRun, check_set_search, set_scorer, set_steps, window_of
 from finercut.search import Step
 from finercut.set_search import equal_quotas, evopress_search, kind_counts, meet_quotas
@@ -42,6 +42,7 @@ class EvoPress(Method):
     window = True
     scorer_options = True
     task_objective = True
+    compare_entries = (CompareEntry("evopress", "EvoPress", "sublayer"),)
     options = EvoPressOptions
 
     def check(self, config) -> None:

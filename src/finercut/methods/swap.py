@@ -16,7 +16,7 @@ from pathlib import Path
 
 from finercut.candidates import Unit
 from finercut.errors import ConfigError
-from finercut.methods.base import DISTANCE, SEARCH, Method, Selecting, option
+from finercut.methods.base import DISTANCE, SEARCH, CompareEntry, Method, Selecting, option
 from finercut.methods.setsearch import SearchRun, check_set_search, set_scorer, set_steps, window_of
 from finercut.search import Step
 from finercut.set_search import swap_search
@@ -66,6 +66,7 @@ class Swap(Method):
     window = True
     scorer_options = True
     task_objective = True
+    compare_entries = (CompareEntry("swap", "Swap search", "sublayer"),)
     options = SwapOptions
 
     def check(self, config) -> None:
