@@ -315,3 +315,19 @@ def test_the_window_admits_a_set_when_some_removal_order_obeys_it():
     assert window.admits([Unit(3, "ffn"), Unit(2, "attention"), Unit(2, "ffn"), Unit(3, "attention"),
                           Unit(0, "ffn")])
     assert not window.admits([Unit(3, "ffn"), Unit(2, "attention"), Unit(2, "ffn"), Unit(0, "ffn")])
+
+
+def test_the_budgets_stop_swap_and_evopress_after_their_own_evaluations():
+    units = all_units(8, "sublayer")
+    weights = {unit: 1.0 + unit.block + 0.5 * (unit.kind == "ffn") for unit in units}  # deep ones cost most
+    start = units[-4:]
+    scorer = AdditiveScorer(weights)
+    scorer.evaluations = 100  # a greedy search before it spent these
+    swap = swap_search(scorer, units=units, start=start, admits=lambda s: True, max_evaluations=5)
+    assert scorer.evaluations == 105 and swap.distance < swap.start_distance
+    unlimited = swap_search(AdditiveScorer(weights), units=units, start=start, admits=lambda s: True)
+    assert set(unlimited.units) == set(sorted(units, key=weights.get)[:4])  # additive: swaps reach the optimum
+    scorer = AdditiveScorer(weights)
+    evo = evopress_search(scorer, units=units, start=start, admits=lambda s: True, generations=1000, offspring=4,
+                          survivors=(1,), seed=0, max_evaluations=20)
+    assert 20 <= scorer.evaluations <= 20 + 4 + 1 + 1 and evo.distance <= evo.start_distance

@@ -350,16 +350,18 @@ def swap_search(
         start_distance = float(state["start_distance"])
         accepted = int(state["accepted"])
         last_swap = tuple(units_from_json(state["last_swap"])) if state.get("last_swap") else None
+        first = int(state["first_evaluation"])
         distance = scorer.score(current).distance
         scorer.evaluations -= 1  # the saved set's distance is known: rescoring it rebuilds caches only
     else:
+        first = trace.evaluations
         current = sorted_units(start)
         distance = scorer.score(current).distance
         start_distance, accepted, last_swap = distance, 0, None
         trace.improved(distance)
 
-    def spent() -> bool:
-        return max_evaluations is not None and trace.evaluations >= max_evaluations
+    def spent() -> bool:  # the search's own evaluations (not those of the greedy search before it)
+        return max_evaluations is not None and trace.evaluations - first >= max_evaluations
 
     improved = True
     while improved and not spent():
@@ -381,7 +383,7 @@ def swap_search(
                 scorer.keep_recent([current])
                 if on_state:
                     on_state({"current": units_to_json(current), "start_distance": start_distance,
-                              "accepted": accepted, "last_swap": units_to_json(last_swap),
+                              "accepted": accepted, "first_evaluation": first, "last_swap": units_to_json(last_swap),
                               "trace": trace.to_state()})
                 improved = True
                 break
@@ -457,8 +459,8 @@ def stage_batches(num_batches: int, stages: int) -> list[int]:
 def evopress_search(
     scorer: Any, *, units: Sequence[Unit], start: Sequence[Unit], admits: Callable[[Iterable[Unit]], bool],
     generations: int, offspring: int, survivors: Sequence[int], seed: int, same_kind: bool = True,
-    exhaustive: bool = False, state: State | None = None, on_state: OnState | None = None,
-    trace: SearchTrace | None = None,
+    max_evaluations: int | None = None, exhaustive: bool = False, state: State | None = None,
+    on_state: OnState | None = None, trace: SearchTrace | None = None,
 ) -> SetResult:
     """EvoPress's (1 + lambda) search (Sieberling et al., arXiv 2410.14649) over removal sets of a fixed size.
 
@@ -466,7 +468,8 @@ def evopress_search(
     counts per kind kept with ``same_kind``), scores them on a few calibration batches, keeps the best
     ``survivors[0]`` of them, scores those on more batches, keeps ``survivors[1]``, ... and scores the last one
     on every batch against the parent's distance (exact early abort); it replaces the parent when strictly
-    better. The stages' batch counts grow x4 up to all (:func:`stage_batches`). Generation ``g`` draws from its
+    better. The stages' batch counts grow x4 up to all (:func:`stage_batches`). The search stops after
+    ``generations``, or at the first generation that starts with ``max_evaluations`` of its own spent. Generation ``g`` draws from its
     own generator, seeded by ``(seed, g)``: the same seed gives the same search, resumed or not.
     """
     trace = trace or SearchTrace.from_state("evopress", (state or {}).get("trace"))
@@ -475,10 +478,11 @@ def evopress_search(
     if state and state.get("parent"):
         parent = sorted_units(units_from_json(state["parent"]))
         start_distance, accepted = float(state["start_distance"]), int(state["accepted"])
-        first_generation = int(state["generation"])
+        first_generation, first = int(state["generation"]), int(state["first_evaluation"])
         fitness = scorer.score(parent).distance
         scorer.evaluations -= 1  # known: rescoring it rebuilds caches only
     else:
+        first = trace.evaluations
         parent = sorted_units(start)
         fitness = scorer.score(parent).distance
         start_distance, accepted, first_generation = fitness, 0, 0
@@ -487,6 +491,8 @@ def evopress_search(
         else:
             trace.improved(fitness)
     for generation in range(first_generation, generations):
+        if max_evaluations is not None and trace.evaluations - first >= max_evaluations:
+            break
         rng = random.Random(f"evopress:{seed}:{generation}")
         children: list[list[Unit]] = []
         seen = {frozenset(parent)}
@@ -517,7 +523,7 @@ def evopress_search(
             scorer.keep_recent([parent])
         if on_state:
             on_state({"parent": units_to_json(parent), "start_distance": start_distance, "accepted": accepted,
-                      "generation": generation + 1, "trace": trace.to_state()})
+                      "generation": generation + 1, "first_evaluation": first, "trace": trace.to_state()})
     return SetResult(parent, fitness, start_distance, trace, accepted)
 
 

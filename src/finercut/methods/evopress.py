@@ -27,8 +27,11 @@ from finercut.set_search import equal_quotas, evopress_search, kind_counts, meet
 
 @dataclass(frozen=True)
 class EvoPressOptions:
-    generations: int = option(40, flag="--generations", minimum=0, help="generations of the evolutionary search")
+    generations: int = option(40, flag="--generations", minimum=0,
+                              help="generations of the evolutionary search (its budget, with --max-evaluations)")
     offspring: int = option(8, flag="--offspring", minimum=1, help="children per generation (lambda)")
+    max_evaluations: int | None = option(None, flag="--max-evaluations", minimum=1,
+                                         help="stop once this many set evaluations are spent (default: no limit)")
     free_counts: bool = option(False, flag="--free-counts",
                                help="let mutations switch between attention and FFN (default: equal counts)")
 
@@ -67,10 +70,11 @@ class EvoPress(Method):
         result = evopress_search(
             scorer, units=request.units, start=start, admits=window.admits, generations=options.generations,
             offspring=options.offspring, survivors=survivors, seed=config.seed, same_kind=not options.free_counts,
+            max_evaluations=options.max_evaluations,
             exhaustive=config.exhaustive, state=run.saved.get("evopress"),
             on_state=lambda state: run.save("search", "evopress", state), trace=run.trace)
         request.progress.write(f"evopress: distance {result.start_distance:.6g} -> {result.distance:.6g} after "
-                               f"{options.generations} generations, {run.trace.evaluations} evaluations")
+                               f"{run.trace.evaluations} evaluations")
         search = run.record(scorer, objective=result.distance, greedy_objective=greedy.best.distance,
                             start_objective=result.start_distance, accepted=result.accepted,
                             counts=kind_counts(result.units))

@@ -36,7 +36,8 @@ def set_scorer(request: Selecting) -> Any:
     request.extras["scoring"] = {
         **describe_scoring(request.context, scorer="fast", exhaustive=config.exhaustive, objective=config.objective,
                            replay_state_bytes=scorer.state_bytes),
-        "subset_bound_tokens": 0, "set_scorer": True}
+        "subset_bound_tokens": scorer.subset.tokens if scorer.subset is not None and not config.exhaustive else 0,
+        "set_scorer": True}
     return scorer
 
 

@@ -19,7 +19,9 @@ most of their units. The same shortcuts as the greedy scorer apply, generalised 
   ``score_of``) is strictly above the threshold; the result says it was bounded. A set whose score is at most
   the threshold is always scored completely, so a decision "accept if the score is below (or at most) the
   threshold" is the same with or without the abort.
-* Angular and Euclidean skip the vocabulary for a plain linear head, as the greedy scorer does.
+* Angular and Euclidean skip the vocabulary for a plain linear head, as the greedy scorer does; JS on a plain
+  head is first bounded from a subset of the vocabulary (:mod:`finercut.scoring.subset`) when scored against a
+  threshold, and runs the full head only while the set could still come in at or below it.
 
 The order batches are scored in is the caller's (``order``) or the index order: never the history of the
 scorer, so a result (a bound included) is the same whatever was cached, and a resumed search records the same
@@ -45,6 +47,7 @@ from finercut.masking import masked
 from finercut.scoring.context import ScoringContext, check_finite, run_block
 from finercut.scoring.gram import GramReference, gram_applies
 from finercut.scoring.replay import DEFAULT_REPLAY_STATE_BYTES, Objective
+from finercut.scoring.subset import SubsetBound, subset_size
 
 RemovalSet = frozenset  # of Unit
 
@@ -93,10 +96,12 @@ class SetScorer:
     """
 
     def __init__(self, context: ScoringContext, *, objective: Objective | None = None,
-                 state_bytes: int = DEFAULT_REPLAY_STATE_BYTES) -> None:
+                 state_bytes: int = DEFAULT_REPLAY_STATE_BYTES, subset_tokens: int | None = None) -> None:
         self.context = context
         self.objective = objective
         self.gram = GramReference(context) if objective is None and gram_applies(context) else None
+        tokens = subset_size(context, subset_tokens) if objective is None and self.gram is None else 0
+        self.subset = SubsetBound(context, tokens) if tokens else None
         self.num_blocks = context.adapter.num_blocks(context.model)
         self.num_positions = objective.num_positions if objective is not None else context.num_positions
         self.score_of: Callable[[float], float] = objective.score_of if objective is not None else _identity
@@ -156,7 +161,20 @@ class SetScorer:
             for count, b in enumerate(chosen, start=1):
                 if b not in known:
                     masking.enter()
-                    known[b] = self._batch_sum(units, b)
+                    hidden = self._replay(units, b)
+                    if threshold is not None and self.subset is not None:
+                        # JS on a plain head: a bound from a vocabulary subset first, the full head only if the
+                        # set could still come in at or below the threshold
+                        cheap = self.subset.bound_sum(b, hidden)
+                        bound = self.score_of(math.fsum([*sums, cheap]) / positions)
+                        if bound > threshold:
+                            return SetScore(units, None, bound, samples)
+                        known[b] = self._batch_sum(units, b, hidden)
+                        if cheap > known[b]:
+                            raise ValueError(f"the vocabulary-subset bound {cheap} of a set exceeds its distance sum "
+                                             f"{known[b]} on batch {b}: the early abort would not be exact")
+                    else:
+                        known[b] = self._batch_sum(units, b, hidden)
                 sums.append(known[b])
                 samples += self.context.batches[b].num_samples
                 if threshold is not None and count < len(chosen):
@@ -166,8 +184,7 @@ class SetScorer:
         value = self.score_of(math.fsum(sums) / positions)
         return SetScore(units, check_finite(value, _Named(units), self.context.model.dtype), None, samples)
 
-    def _batch_sum(self, units: frozenset, batch_index: int) -> float:
-        hidden = self._replay(units, batch_index)
+    def _batch_sum(self, units: frozenset, batch_index: int, hidden: torch.Tensor) -> float:
         if self.objective is not None:
             total = self.objective.batch_sum(batch_index, hidden)
         elif self.gram is not None:
