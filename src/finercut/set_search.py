@@ -469,8 +469,9 @@ def evopress_search(
     ``survivors[0]`` of them, scores those on more batches, keeps ``survivors[1]``, ... and scores the last one
     on every batch against the parent's distance (exact early abort); it replaces the parent when strictly
     better. The stages' batch counts grow x4 up to all (:func:`stage_batches`). The search stops after
-    ``generations``, or at the first generation that starts with ``max_evaluations`` of its own spent. Generation ``g`` draws from its
-    own generator, seeded by ``(seed, g)``: the same seed gives the same search, resumed or not.
+    ``generations``, or at the first generation that starts with ``max_evaluations`` of its own spent.
+    Generation ``g`` draws from its own generator, seeded by ``(seed, g)``: the same seed gives the same search,
+    resumed or not.
     """
     trace = trace or SearchTrace.from_state("evopress", (state or {}).get("trace"))
     trace.attach(scorer)
