@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from finercut.candidates import Unit, step_candidates, window_applies
 from finercut.pruned_modeling import ATTENTION, FFN
-from finercut.scoring.bounds import sample_order
+from finercut.scoring.bounds import best_first, sample_order
 from finercut.scoring.sets import set_key
 from finercut.search import CandidateScore, Step
 
@@ -198,9 +198,11 @@ def beam_search(
     final set is never worse than greedy's; with ``width`` 1 the search is the greedy search: the same removals
     with the same distances, ties to the earlier set in search order (:func:`finercut.scoring.sets.set_key`).
 
-    The early abort is exact: a candidate is scored against the ``width``-th best complete distance of the step
-    so far (and, extending greedy's set, the best of its own extensions); a candidate stopped above that can
-    neither be kept nor be greedy's next set.
+    The early abort is exact and the work best first, as in the greedy search
+    (:func:`finercut.scoring.bounds.best_first`, vocabulary-subset bounds included): greedy's next set is the
+    best of its parent's extensions, then the kept sets are the best, the best of the rest, ... each a best-first
+    pass over the candidates left (the sums of the passes before are kept, so a pass pays only for what it
+    adds); a candidate is scored only while its lower bound could still make it the least of a pass.
     """
     if width < 1:
         raise ValueError("the beam width must be at least 1")
@@ -214,8 +216,6 @@ def beam_search(
     while len(kept[0].order) < target:
         size = len(kept[0].order)
         started, executions = time.perf_counter(), scorer.block_executions
-        # Batches carrying most of the kept sets' distances first (saved with them: the same after a resume).
-        order = sample_order([entry.batch_sums for entry in kept if entry.order], scorer.num_batches)
         parents = sorted(kept, key=lambda entry: (not entry.greedy, entry.rank_key))
         generated: dict[frozenset, tuple[int, Unit]] = {}
         per_parent: list[tuple[list[Unit], int]] = []
@@ -227,61 +227,46 @@ def beam_search(
             per_parent.append((candidates, first_block))
             for unit in candidates:
                 generated.setdefault(parent.units | {unit}, (index, unit))
-        scores: dict[frozenset, Any] = {}
-        complete: list[tuple[float, tuple, frozenset]] = []  # (distance, set key, set), sorted
-        best_greedy: tuple[float, tuple] | None = None
+        items = {key: SetItem(key, set_key(key)) for key in generated}
+        hint = [c.batch_sums for parent in parents for c in (parent.steps[-1].candidates if parent.steps else ())
+                if c.batch_sums is not None]
+        options = dict(num_batches=scorer.num_batches, num_positions=scorer.num_positions, exhaustive=exhaustive,
+                       hint=hint, score_of=scorer.objective_score_of,
+                       batch_bound=None if scorer.subset is None else
+                       (lambda item, b: scorer.batch_bound(item.units, b)))
 
-        def threshold(greedy_parent: bool) -> float | None:
-            if exhaustive:
-                return None
-            wth = complete[width - 1][0] if len(complete) >= width else math.inf
-            if greedy_parent:
-                own = best_greedy[0] if best_greedy is not None else math.inf
-                wth = max(wth, own)
-            return None if math.isinf(wth) else wth
+        def winner(pool: list[SetItem]) -> SetItem:
+            """The set of least score in ``pool`` (ties to the earlier set key), scored best first: every other
+            set only until its lower bound is above the winner's score (finercut.scoring.bounds.best_first)."""
+            bounded = best_first(pool, lambda item, b: scorer.batch_sum(item.units, b), **options)
+            complete = [(_set_value(scorer, item.units), item.sort_key, item) for item in pool
+                        if bounded[item].complete]
+            return min(complete, key=lambda entry: (entry[0], entry[1]))[2]
 
-        for index, parent in enumerate(parents):
-            candidates, _ = per_parent[index]
-            # The previous step's scores of the same units guide the order (never the result).
-            previous = {c.unit: c.value for c in (parent.steps[-1].candidates if parent.steps else ())}
-            ranked = sorted(candidates, key=lambda unit: (previous.get(unit, math.inf), unit.sort_key))
-            for unit in ranked:
-                key = parent.units | {unit}
-                if generated[key][0] != index:
-                    continue  # an earlier parent generated this set
-                result = scorer.score(key, threshold=threshold(parent.greedy), order=order)
-                scores[key] = result
-                if not result.bounded:
-                    entry = (result.distance, set_key(key), key)
-                    complete.append(entry)
-                    complete.sort(key=lambda item: (item[0], item[1]))
-                    if parent.greedy and (best_greedy is None or (result.distance, set_key(key)) < best_greedy):
-                        best_greedy = (result.distance, set_key(key))
-        seconds, executions = time.perf_counter() - started, scorer.block_executions - executions
-        chosen = [item[2] for item in complete[:width]]
         greedy_parent = parents[0] if parents[0].greedy else None
         greedy_child = None
-        if greedy_parent is not None:
-            candidates, _ = per_parent[0]
-            options = [(scores[greedy_parent.units | {u}].distance, set_key(greedy_parent.units | {u}),
-                        greedy_parent.units | {u}) for u in candidates
-                       if not scores[greedy_parent.units | {u}].bounded]
-            greedy_child = min(options, key=lambda item: (item[0], item[1]))[2]
-            if greedy_child not in chosen:
-                chosen.append(greedy_child)
+        if greedy_parent is not None:  # greedy's own step, exactly as the greedy search takes it
+            greedy_child = winner([items[greedy_parent.units | {u}] for u in per_parent[0][0]]).units
+        chosen, pool = [], list(items.values())
+        while pool and len(chosen) < width:
+            best = winner(pool)
+            chosen.append(best.units)
+            pool.remove(best)
+        if greedy_child is not None and greedy_child not in chosen:
+            chosen.append(greedy_child)
+        scorer.evaluations += sum(bool(scorer.known(key) or scorer.known_bounds(key)) for key in generated)
+        seconds, executions = time.perf_counter() - started, scorer.block_executions - executions
         new_kept = []
         for key in chosen:
             index, unit = generated[key]
             parent = parents[index]
             candidates, first_block = per_parent[index]
-            result = scores[key]
             step = Step(
-                index=size, unit=unit, distance=result.distance,
-                candidates=tuple(_candidate_score(unit_, scores[parent.units | {unit_}], scorer)
-                                 for unit_ in candidates),
+                index=size, unit=unit, distance=_set_value(scorer, key),
+                candidates=tuple(_candidate_score(unit_, parent.units | {unit_}, scorer) for unit_ in candidates),
                 window_first_block=first_block, block_executions=executions, seconds=seconds)
             known = scorer.known(key)
-            new_kept.append(BeamEntry([*parent.order, unit], result.distance,
+            new_kept.append(BeamEntry([*parent.order, unit], step.distance,
                                       [known[b] for b in range(scorer.num_batches)], [*parent.steps, step],
                                       key == greedy_child))
         kept = sorted(new_kept, key=lambda entry: entry.rank_key)
@@ -297,10 +282,33 @@ def beam_search(
     return BeamResult(kept[0], greedy, kept, trace)
 
 
-def _candidate_score(unit: Unit, result: Any, scorer: Any) -> CandidateScore:
-    if result.bounded:
-        return CandidateScore(unit, None, lower_bound=result.lower_bound, samples=result.samples)
-    return CandidateScore(unit, result.distance, samples=result.samples)
+@dataclass(frozen=True)
+class SetItem:
+    """A removal set as :func:`finercut.scoring.bounds.best_first` orders its units: ties by the set key."""
+
+    units: frozenset
+    sort_key: tuple
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(str(unit) for unit in sorted_units(self.units)) + "}"
+
+
+def _set_value(scorer: Any, units: frozenset) -> float:
+    """The score from the kept batch sums, or (some batches only bounded or not scored) its lower bound."""
+    sums, bounds = scorer.known(units), scorer.known_bounds(units)
+    parts = [*sums.values(), *(bound for b, bound in bounds.items() if b not in sums)]
+    return scorer.score_of(math.fsum(parts) / scorer.num_positions)
+
+
+def _candidate_score(unit: Unit, units: frozenset, scorer: Any) -> CandidateScore:
+    sums, bounds = scorer.known(units), scorer.known_bounds(units)
+    samples = sum(scorer.context.batches[b].num_samples for b in sums)
+    if len(sums) == scorer.num_batches:
+        return CandidateScore(unit, _set_value(scorer, units), samples=samples,
+                              batch_sums=tuple(sums[b] for b in range(scorer.num_batches)))
+    only_bounded = sum(scorer.context.batches[b].num_samples for b in bounds if b not in sums)
+    return CandidateScore(unit, None, lower_bound=_set_value(scorer, units), samples=samples,
+                          subset_samples=only_bounded if scorer.subset is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

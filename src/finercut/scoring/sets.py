@@ -105,10 +105,13 @@ class SetScorer:
         self.num_blocks = context.adapter.num_blocks(context.model)
         self.num_positions = objective.num_positions if objective is not None else context.num_positions
         self.score_of: Callable[[float], float] = objective.score_of if objective is not None else _identity
+        self.objective_score_of = objective.score_of if objective is not None else None
+        """``score_of`` as :func:`finercut.scoring.bounds.best_first` takes it (None: the mean itself)."""
         self.state_bytes = state_bytes
         self.evaluations = 0
         """Calls of :meth:`score` so far (each set scored, served from kept sums or not)."""
         self._sums: dict[frozenset, dict[int, float]] = {}
+        self._bounds: dict[frozenset, dict[int, float]] = {}
         self._paths: OrderedDict[frozenset, list[dict[int, torch.Tensor]]] = OrderedDict()
         self._refs: dict[int, list] = {}
         self._bytes = 0
@@ -153,7 +156,8 @@ class SetScorer:
         if order is not None:
             ranked = {b: i for i, b in enumerate(order)}
             chosen.sort(key=lambda b: (ranked.get(b, len(ranked)), b))
-        positions = math.fsum(self.batch_positions(b) for b in chosen)
+        positions = self.num_positions if len(set(chosen)) == self.num_batches else math.fsum(
+            self.batch_positions(b) for b in chosen)
         known = self._sums.setdefault(units, {})
         sums: list[float] = []
         samples = 0
@@ -183,6 +187,37 @@ class SetScorer:
                         return SetScore(units, None, bound, samples)
         value = self.score_of(math.fsum(sums) / positions)
         return SetScore(units, check_finite(value, _Named(units), self.context.model.dtype), None, samples)
+
+    # -- one batch at a time (a best-first search over many sets: finercut.scoring.bounds.best_first) ----------
+
+    def batch_sum(self, units: Iterable[Unit], batch_index: int) -> float:
+        """The set's distance summed over one batch's positions (kept: a second call costs nothing)."""
+        units = frozenset(units)
+        known = self._sums.setdefault(units, {})
+        if batch_index not in known:
+            with masked(self.context.model, self.context.adapter, units), torch.inference_mode():
+                known[batch_index] = self._batch_sum(units, batch_index, self._replay(units, batch_index))
+            bound = self._bounds.get(units, {}).get(batch_index)
+            if bound is not None and bound > known[batch_index]:
+                raise ValueError(f"the vocabulary-subset bound {bound} of a set exceeds its distance sum "
+                                 f"{known[batch_index]} on batch {batch_index}: the early abort would not be exact")
+        return known[batch_index]
+
+    def batch_bound(self, units: Iterable[Unit], batch_index: int) -> float:
+        """A lower bound of :meth:`batch_sum` from the vocabulary subset (``subset`` must apply); the block output
+        is kept with the set's states when memory allows, for its exact sum."""
+        units = frozenset(units)
+        bounds = self._bounds.setdefault(units, {})
+        if batch_index not in bounds:
+            with masked(self.context.model, self.context.adapter, units), torch.inference_mode():
+                hidden = self._replay(units, batch_index)
+                bounds[batch_index] = check_finite(self.subset.bound_sum(batch_index, hidden), _Named(units),
+                                                   self.context.model.dtype)
+        return bounds[batch_index]
+
+    def known_bounds(self, units: Iterable[Unit]) -> dict[int, float]:
+        """The vocabulary-subset bounds kept for a set (batch -> bound)."""
+        return dict(self._bounds.get(frozenset(units), {}))
 
     def _batch_sum(self, units: frozenset, batch_index: int, hidden: torch.Tensor) -> float:
         if self.objective is not None:
