@@ -139,7 +139,7 @@ def main() -> None:
             if kind_counts(start) != quotas:
                 start = meet_quotas(start, units, quotas, admits)
         result = evopress_search(scorer, units=units, start=start, admits=admits, generations=args.generations,
-                                 offspring=args.offspring, survivors=(max(1, args.offspring // 4),), seed=args.seed,
+                                 offspring=args.offspring, survivors=(max(1, args.offspring // 4), 1), seed=args.seed,
                                  same_kind=not args.free_counts)
         return result.distance, scorer.evaluations, result.units
 

@@ -22,7 +22,7 @@ from finercut.scoring import FastScorer, NaiveScorer, ScoringContext
 from finercut.scoring.sets import SetScore, SetScorer, first_difference
 from finercut.search import greedy_search
 from finercut.set_search import (
-    beam_search, equal_quotas, evopress_search, kind_counts, make_window, meet_quotas, swap_search,
+    beam_search, equal_quotas, evopress_search, kind_counts, make_window, meet_quotas, stage_batches, swap_search,
 )
 
 WINDOW = dict(window_until_ratio=0.4, window_first_block=2)
@@ -346,3 +346,19 @@ def test_evopress_on_a_model_is_the_same_for_the_same_seed():
         assert kind_counts(runs[0].units) == {"attention": 2, "ffn": 2}
     finally:
         context.close()
+
+
+def test_evopress_selects_on_growing_calibration_budgets():
+    assert stage_batches(16, 3) == [1, 4, 16] and stage_batches(4, 3) == [1, 1, 4] and stage_batches(10, 2) == [3, 10]
+    seen = []
+
+    class Recording(AdditiveScorer):
+        def score(self, units, *, threshold=None, batches=None, order=None):
+            seen.append(None if batches is None else len(batches))
+            return super().score(units, threshold=threshold, batches=batches, order=order)
+
+    units = all_units(12, "sublayer")
+    weights = {unit: float(unit.block) for unit in units}
+    evopress_search(Recording(weights, num_batches=16), units=units, start=units[-6:], admits=lambda s: True,
+                    generations=1, offspring=8, survivors=(2, 1), seed=0)
+    assert seen == [None] + [1] * 8 + [4] * 2 + [None]  # the start, 8 children, the best 2, the best on all

@@ -457,11 +457,9 @@ def mutate(parent: Sequence[Unit], units: Sequence[Unit], rng: random.Random, *,
 
 
 def stage_batches(num_batches: int, stages: int) -> list[int]:
-    """Batches each selection stage scores on: growing geometrically (x4) to all of them at the last stage."""
-    sizes = [num_batches]
-    for _ in range(stages - 1):
-        sizes.append(max(1, math.ceil(sizes[-1] / 4)))
-    return sorted(sizes)
+    """Batches each selection stage scores on: growing x4 to all of them at the last stage (16 batches and 3
+    stages: 1, 4, 16)."""
+    return [max(1, math.ceil(num_batches / 4 ** (stages - 1 - stage))) for stage in range(stages)]
 
 
 def evopress_search(

@@ -3,9 +3,9 @@
 Sieberling, Kuznedelev, Kurtic and Alistarh, "EvoPress: Accurate Dynamic Model Compression via Evolutionary
 Search", ICML 2025 (arXiv 2410.14649). A seeded (1 + lambda) search: each generation draws ``--offspring``
 children of the parent by level-switch mutation (restore one removed unit and remove one kept unit of the same
-kind, so the counts per kind stay), selects among them in several steps on growing calibration budgets (a
-quarter of the samples, then all; the last on every sample against the parent with the exact early abort) and
-keeps the best child when it beats the parent. Equal attention and FFN counts by default, as EvoPress's depth
+kind, so the counts per kind stay), selects among them in steps on growing calibration budgets (every child on a
+sixteenth of the samples, the best quarter of them on a quarter, the best of those on every sample against the
+parent, with the exact early abort) and keeps that child when it beats the parent. Equal attention and FFN counts by default, as EvoPress's depth
 pruning (an odd count gives attention the extra one); ``--free-counts`` lets a mutation switch kinds. The
 fitness is the run's distance (EvoPress uses KL; any of finercut's metrics, or a task objective).
 
@@ -66,7 +66,7 @@ class EvoPress(Method):
                 except ValueError:
                     raise ConfigError("no removal set with equal attention and FFN counts obeys the candidate "
                                       "window; pass --free-counts or widen the window") from None
-        survivors = (max(1, options.offspring // 4),)
+        survivors = (max(1, options.offspring // 4), 1)
         result = evopress_search(
             scorer, units=request.units, start=start, admits=window.admits, generations=options.generations,
             offspring=options.offspring, survivors=survivors, seed=config.seed, same_kind=not options.free_counts,

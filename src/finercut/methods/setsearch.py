@@ -132,9 +132,12 @@ def search_lines(search: dict) -> list[str]:
     lines.append(text)
     improvements = search.get("improvements") or []
     if improvements:
-        lines.append("  objective after each improvement (evaluations: objective, seconds): " + ", ".join(
-            f"{point['evaluations']}: {point['objective']:.6g} ({point.get('seconds', 0.0):.1f} s)"
-            for point in improvements))
+        shown = [f"{point['evaluations']}: {point['objective']:.6g} ({point.get('seconds', 0.0):.1f} s)"
+                 for point in improvements]
+        if len(shown) > 8:
+            shown = shown[:3] + [f"... {len(shown) - 7} more ..."] + shown[-4:]
+        lines.append(f"  objective after each of {len(improvements)} improvements (evaluations: objective, "
+                     "seconds): " + ", ".join(shown))
     return lines
 
 

@@ -263,6 +263,9 @@ def run_sections(record: Record, folder: Path | None, *, heading: str = "") -> l
         sections.append(f'<p class="note">Each point is one candidate scored at that step; the black line is the '
                         f"candidate removed. {bounds} candidate scores are lower bounds (scoring stopped once the "
                         "candidate could no longer be the least), drawn as open triangles.</p>")
+    elif record.search:
+        sections.append('<p class="note">A search over whole removal sets: its steps are the units of its answer, '
+                        "with no candidates of their own; how the answer improved is under Search.</p>")
     else:
         sections.append('<p class="note">This method scores no candidates (random removal).</p>')
     series = search_series(record, record.method)
