@@ -1,13 +1,13 @@
 """EvoPress as a method: an evolutionary search over attention and FFN sub-layers to remove.
 
-Sieberling, Kuznedelev, Kurtic and Alistarh, "EvoPress: Accurate Dynamic Model Compression via Evolutionary
-Search", ICML 2025 (arXiv 2410.14649). A seeded (1 + lambda) search: each generation draws ``--offspring``
-children of the parent by level-switch mutation (restore one removed unit and remove one kept unit of the same
-kind, so the counts per kind stay), selects among them in steps on growing calibration budgets (every child on a
-sixteenth of the samples, the best quarter of them on a quarter, the best of those on every sample against the
-parent, with the exact early abort) and keeps that child when it beats the parent. Equal attention and FFN counts by default, as EvoPress's depth
-pruning (an odd count gives attention the extra one); ``--free-counts`` lets a mutation switch kinds. The
-fitness is the run's distance (EvoPress uses KL; any of finercut's metrics, or a task objective).
+Sieberling et al., "EvoPress: Accurate Dynamic Model Compression via Evolutionary Search", ICML 2025 (arXiv
+2410.14649). A seeded (1 + lambda) search: each generation draws ``--offspring`` children of the parent by
+level-switch mutation (restore one removed unit and remove one kept unit of the same kind, so the counts per
+kind stay), selects among them in steps on growing calibration budgets (every child on a sixteenth of the
+samples, the best quarter of them on a quarter, the best of those on every sample against the parent, with the
+exact early abort) and keeps that child when it beats the parent. Equal attention and FFN counts by default, as
+EvoPress's depth pruning (an odd count gives attention the extra one); ``--free-counts`` lets a mutation switch
+kinds. The fitness is the run's distance (EvoPress uses KL; any of finercut's metrics, or a task objective).
 
 The search starts from greedy's set (when its counts are not equal, the first units of greedy's order each kind
 has room for, then the deepest of the kind still short), so with free counts the answer is never worse than
