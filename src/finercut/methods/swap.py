@@ -27,7 +27,8 @@ class SwapOptions:
     start: str | None = option(None, flag="--start", help="a run folder whose removals are the start set "
                                                           "(default: the greedy search's at the same count)")
     max_evaluations: int | None = option(None, flag="--max-evaluations", minimum=1,
-                                         help="stop after this many set evaluations (default: at a local optimum)")
+                                         help="stop after this many set evaluations of the search itself (also "
+                                              "evopress; default: none, swap stops at a local optimum)")
 
 
 def start_units(folder: str, config, num_blocks: int) -> list[Unit]:
