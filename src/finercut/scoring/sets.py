@@ -20,8 +20,8 @@ most of their units. The same shortcuts as the greedy scorer apply, generalised 
   the threshold is always scored completely, so a decision "accept if the score is below (or at most) the
   threshold" is the same with or without the abort.
 * Angular and Euclidean skip the vocabulary for a plain linear head, as the greedy scorer does; JS on a plain
-  head is first bounded from a subset of the vocabulary (:mod:`finercut.scoring.subset`) when scored against a
-  threshold, and runs the full head only while the set could still come in at or below it.
+  head is first bounded from a subset of the vocabulary on every batch (:mod:`finercut.scoring.subset`) when
+  scored against a threshold, and runs the full head only while the set could still come in at or below it.
 
 The order batches are scored in is the caller's (``order``) or the index order: never the history of the
 scorer, so a result (a bound included) is the same whatever was cached, and a resumed search records the same
@@ -159,32 +159,39 @@ class SetScorer:
         positions = self.num_positions if len(set(chosen)) == self.num_batches else math.fsum(
             self.batch_positions(b) for b in chosen)
         known = self._sums.setdefault(units, {})
-        sums: list[float] = []
-        samples = 0
+        bounds: dict[int, float] = {}
         with _Masking(self.context, units) as masking:
+            if threshold is not None and self.subset is not None:
+                # JS on a plain head: every batch first bounded from a vocabulary subset (its block output kept
+                # with the set's states), the full head only while the set could still come in at or below the
+                # threshold (the order of finercut.scoring.bounds.best_first for one set)
+                kept = self._bounds.setdefault(units, {})
+                for b in chosen:
+                    if b in known:
+                        continue
+                    if b not in kept:
+                        masking.enter()
+                        hidden = self._replay(units, b)
+                        kept[b] = check_finite(self.subset.bound_sum(b, hidden), _Named(units),
+                                               self.context.model.dtype)
+                    bounds[b] = kept[b]
+                    lower = self._lower(chosen, known, bounds, positions)
+                    if lower > threshold:
+                        return SetScore(units, None, lower, self._samples(chosen, known))
             for count, b in enumerate(chosen, start=1):
                 if b not in known:
                     masking.enter()
-                    hidden = self._replay(units, b)
-                    if threshold is not None and self.subset is not None:
-                        # JS on a plain head: a bound from a vocabulary subset first, the full head only if the
-                        # set could still come in at or below the threshold
-                        cheap = self.subset.bound_sum(b, hidden)
-                        bound = self.score_of(math.fsum([*sums, cheap]) / positions)
-                        if bound > threshold:
-                            return SetScore(units, None, bound, samples)
-                        known[b] = self._batch_sum(units, b, hidden)
-                        if cheap > known[b]:
-                            raise ValueError(f"the vocabulary-subset bound {cheap} of a set exceeds its distance sum "
-                                             f"{known[b]} on batch {b}: the early abort would not be exact")
-                    else:
-                        known[b] = self._batch_sum(units, b, hidden)
-                sums.append(known[b])
-                samples += self.context.batches[b].num_samples
+                    known[b] = self._batch_sum(units, b, self._replay(units, b))
+                    bound = bounds.pop(b, None)
+                    if bound is not None and bound > known[b]:
+                        raise ValueError(f"the vocabulary-subset bound {bound} of a set exceeds its distance sum "
+                                         f"{known[b]} on batch {b}: the early abort would not be exact")
                 if threshold is not None and count < len(chosen):
-                    bound = self.score_of(math.fsum(sums) / positions)
-                    if bound > threshold:
-                        return SetScore(units, None, bound, samples)
+                    lower = self._lower(chosen, known, bounds, positions)
+                    if lower > threshold:
+                        return SetScore(units, None, lower, self._samples(chosen, known))
+        sums = [known[b] for b in chosen]
+        samples = self._samples(chosen, known)
         value = self.score_of(math.fsum(sums) / positions)
         return SetScore(units, check_finite(value, _Named(units), self.context.model.dtype), None, samples)
 
@@ -218,6 +225,15 @@ class SetScorer:
     def known_bounds(self, units: Iterable[Unit]) -> dict[int, float]:
         """The vocabulary-subset bounds kept for a set (batch -> bound)."""
         return dict(self._bounds.get(frozenset(units), {}))
+
+    def _lower(self, chosen: Sequence[int], known: dict[int, float], bounds: dict[int, float],
+               positions: float) -> float:
+        """The lower bound of a score over ``chosen`` batches: exact sums where known, subset bounds elsewhere."""
+        parts = [known[b] if b in known else bounds[b] for b in chosen if b in known or b in bounds]
+        return self.score_of(math.fsum(parts) / positions)
+
+    def _samples(self, chosen: Sequence[int], known: dict[int, float]) -> int:
+        return sum(self.context.batches[b].num_samples for b in chosen if b in known)
 
     def _batch_sum(self, units: frozenset, batch_index: int, hidden: torch.Tensor) -> float:
         if self.objective is not None:
