@@ -12,8 +12,8 @@ is shared):
 * ``beam W=2``: the beam search of width 2 (``--beam-width``);
 * ``swap``: the swap method as it runs: the greedy phase on the set scorer, then first-improvement swaps on the
   same scorer (its kept states and sums), until a local optimum or ``--max-evaluations``;
-* ``evopress``: the EvoPress method as it runs: the greedy phase, then ``--generations`` generations of
-  ``--offspring`` children (equal attention/FFN counts, or ``--free-counts``).
+* ``evopress``, ``evopress_free``: the EvoPress method as it runs: the greedy phase, then ``--generations``
+  generations of ``--offspring`` children, with equal attention/FFN counts (the default) or free counts.
 
 Each search gets a fresh scorer (nothing cached from another search). Per search it prints the final objective
 (the distance of the removed set), set evaluations, full-forward equivalents (block runs over the calibration
@@ -75,9 +75,8 @@ def main() -> None:
     parser.add_argument("--max-evaluations", type=int, help="the swap search's budget (default: local optimum)")
     parser.add_argument("--generations", type=int, default=10)
     parser.add_argument("--offspring", type=int, default=8)
-    parser.add_argument("--free-counts", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--searches", default="greedy,beam1,beam,swap,evopress")
+    parser.add_argument("--searches", default="greedy,beam1,beam,swap,evopress,evopress_free")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,22 +130,25 @@ def main() -> None:
                              max_evaluations=args.max_evaluations)
         return result.distance, scorer.evaluations, result.units
 
-    def evopress():
+    def evopress(free_counts: bool):
+        return lambda: evopress_run(free_counts)
+
+    def evopress_run(free_counts: bool):
         scorer = SetScorer(context)
         start = greedy_phase(scorer).order
-        if not args.free_counts:
+        if not free_counts:
             quotas = equal_quotas(units, args.count)
             if kind_counts(start) != quotas:
                 start = meet_quotas(start, units, quotas, admits)
         result = evopress_search(scorer, units=units, start=start, admits=admits, generations=args.generations,
                                  offspring=args.offspring, survivors=(max(1, args.offspring // 4), 1), seed=args.seed,
-                                 same_kind=not args.free_counts)
+                                 same_kind=not free_counts)
         return result.distance, scorer.evaluations, result.units
 
     runs = {"greedy": ("greedy (FinerCut)", greedy), "beam1": ("beam W=1 (set scorer)", beam(1)),
             "beam": (f"beam W={args.beam_width}", beam(args.beam_width)), "swap": ("swap (greedy + swaps)", swap),
-            "evopress": (f"evopress ({args.generations} gen x {args.offspring}"
-                         f"{', free counts' if args.free_counts else ''})", evopress)}
+            "evopress": (f"evopress ({args.generations} gen x {args.offspring}, equal counts)", evopress(False)),
+            "evopress_free": (f"evopress ({args.generations} gen x {args.offspring}, free counts)", evopress(True))}
     results = []
     for key in args.searches.split(","):
         name, run = runs[key]
