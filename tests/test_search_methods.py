@@ -61,7 +61,7 @@ def test_a_search_method_runs_through_prune_show_and_apply(name, tmp_path, tiny_
     assert cli.main(["show", str(run)]) == 0
     shown = capsys.readouterr().out
     assert f"search: {record.method}, objective {search['objective']:.6g}" in shown
-    assert "objective after each improvement" in shown
+    assert "improvements (evaluations: objective, seconds)" in shown
 
     model_dir = tmp_path / "pruned"
     assert cli.main(["apply", str(run), "--output", str(model_dir)]) == 0
