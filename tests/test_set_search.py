@@ -362,3 +362,28 @@ def test_evopress_selects_on_growing_calibration_budgets():
     evopress_search(Recording(weights, num_batches=16), units=units, start=units[-6:], admits=lambda s: True,
                     generations=1, offspring=8, survivors=(2, 1), seed=0)
     assert seen == [None] + [1] * 8 + [4] * 2 + [None]  # the start, 8 children, the best 2, the best on all
+
+
+def test_the_set_scorer_takes_a_task_objective_and_aborts_exactly_on_it():
+    from finercut.scoring.task import AnswerExample, NaiveTaskScorer, TaskObjective
+
+    examples = (AnswerExample((5, 6, 7), (8, 9)), AnswerExample((10, 11, 12, 13, 14), (15,)),
+                AnswerExample((3, 4), (5, 6, 7)), AnswerExample((20, 21, 22, 23), (24, 25)))
+    model = tiny_model("llama", dtype=torch.float64)
+    context = ScoringContext.build(model, adapter_for(model), metric_named("js"), [e.input_ids for e in examples])
+    try:
+        scorer = SetScorer(context, objective=TaskObjective(context, examples))
+        naive = NaiveTaskScorer(context, examples)
+        sets = random_sets(4, 6) + add_and_restore()
+        truth = [naive.plain_objective(units) for units in sets]
+        for units, value in zip(sets, truth):
+            assert scorer.score(units).distance == pytest.approx(value, rel=1e-9)
+        threshold = sorted(truth)[len(truth) // 2]
+        for units, value in zip(sets, truth):
+            result = SetScorer(context, objective=TaskObjective(context, examples)).score(units, threshold=threshold)
+            if value <= threshold:
+                assert not result.bounded and result.distance == pytest.approx(value, rel=1e-9)
+            if result.bounded:
+                assert threshold < result.lower_bound <= value * (1 + 1e-9)
+    finally:
+        context.close()
