@@ -252,14 +252,23 @@ class SetScorer:
 
     def _source(self, units: frozenset, batch_index: int) -> tuple[frozenset, int]:
         """The kept set and block to replay ``units`` from on one batch: the latest block whose input is kept for
-        a set that agrees with ``units`` on every block before it."""
+        a set that agrees with ``units`` on every block before it (the set itself with its last output: no
+        block at all)."""
+        own = self._paths.get(units)
+        if own is not None and self.num_blocks in own[batch_index]:
+            return units, self.num_blocks
         best, best_block = frozenset(), 0
-        for key, path in self._paths.items():
+        for key in reversed(self._paths):  # the most recently used first
+            state = self._paths[key][batch_index]
+            if not state:
+                continue
             limit = first_difference(key, units, self.num_blocks)
-            state = path[batch_index]
-            if limit == self.num_blocks and self.num_blocks in state:
-                return key, self.num_blocks  # this very set: its last output is kept
-            start = max((i for i in state if i <= limit and i < self.num_blocks), default=-1)
+            if limit <= best_block:
+                continue
+            if limit < self.num_blocks and limit in state:
+                start = limit
+            else:
+                start = max((i for i in state if i <= limit and i < self.num_blocks), default=-1)
             if start > best_block:
                 best, best_block = key, start
         return best, best_block
