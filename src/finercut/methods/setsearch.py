@@ -6,6 +6,10 @@ Their state is saved as they go (:data:`finercut.methods.base.SEARCH`): ``{"targ
 "search", "trace"}``; a resumed run continues the phase it was in, from its last saved state, to the same record
 as an uninterrupted run (timings aside). The greedy phase is the beam search of width 1 on the same scorer:
 FinerCut's greedy search, removal for removal and distance for distance.
+
+The searches are methods, not an option of FinerCut's: what the run pipeline does around a method (resume from
+finished steps, extension, ``apply --count`` of a prefix, ``compare`` pruning once at the largest ratio) follows
+from its selection kind, and a search over whole sets is not greedy's (:data:`~finercut.methods.base.SEARCH`).
 """
 
 from __future__ import annotations
