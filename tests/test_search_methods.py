@@ -120,9 +120,14 @@ def test_a_search_killed_while_searching_resumes_to_the_uninterrupted_record(nam
 
 
 def test_records_written_before_searches_still_load(tmp_path, greedy_run):
+    from pathlib import Path
+
     data = greedy_run.to_dict()
     assert "search" not in data
     assert Record.from_dict(json.loads(json.dumps(data))).search is None
+    for run in ("blockpruner", "shapley"):  # records kept in the repository, written by earlier versions
+        old = read_record(Path(__file__).resolve().parents[1] / "docs" / "study" / "cache" / "runs" / run)
+        assert old.search is None and "search" not in old.to_dict()
 
 
 def test_the_report_draws_objective_vs_evaluations_for_a_run_and_a_compare_folder(tmp_path, tiny_model_dir,
