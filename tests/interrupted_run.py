@@ -1,4 +1,5 @@
-"""``python tests/interrupted_run.py STEPS SIGNAL finercut-args...``: the CLI, signalled once STEPS steps are done.
+"""``python tests/interrupted_run.py STEPS SIGNAL finercut-args...``: the CLI, signalled once STEPS steps are done
+(a search over whole removal sets, which saves its state instead of steps: once it saved its state STEPS times).
 
 The signal (``SIGKILL``, or ``SIGINT`` as Ctrl-C sends) arrives inside the next candidate evaluation: its earlier
 blocks ran, its output head and distance not yet. The seam is a wrapper around ``finercut.run.find_steps``, so
@@ -19,12 +20,17 @@ def act_after(steps: int, action: Callable[[], None]) -> None:
     """Call ``action`` once, inside the first candidate evaluation after ``steps`` finished steps."""
     plain_find_steps = run.find_steps
 
-    def find_steps(context, config, *, completed=(), on_step=None, **options):
+    def find_steps(context, config, *, completed=(), on_step=None, save_state=None, **options):
         done = {"steps": len(completed), "acted": False}
 
         def count_step(step):
             if on_step:
                 on_step(step)
+            done["steps"] += 1
+
+        def count_state(state):
+            if save_state:
+                save_state(state)
             done["steps"] += 1
 
         def maybe_act(module, args):
@@ -35,7 +41,8 @@ def act_after(steps: int, action: Callable[[], None]) -> None:
         last_block = context.adapter.blocks_of(context.model)[-1]
         handle = last_block.register_forward_pre_hook(maybe_act)
         try:
-            return plain_find_steps(context, config, completed=completed, on_step=count_step, **options)
+            return plain_find_steps(context, config, completed=completed, on_step=count_step,
+                                    save_state=count_state, **options)
         finally:
             handle.remove()
 

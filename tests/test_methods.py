@@ -12,7 +12,8 @@ from finercut import cli
 from finercut.candidates import Unit
 from finercut.errors import ConfigError
 from finercut.methods import (
-    GREEDY, ONE_SHOT, PER_TARGET, CompareEntry, OneShotMethod, Ranking, Selecting, compare_entries, method_named,
+    GREEDY, ONE_SHOT, PER_TARGET, SEARCH, CompareEntry, OneShotMethod, Ranking, Selecting, compare_entries,
+    method_named,
     option, register, registered, unregister,
 )
 from finercut.record import RunConfig, read_record
@@ -104,9 +105,13 @@ def test_the_registry_declares_what_each_builtin_method_is():
         "random": (ONE_SHOT, None, ("sublayer", "block"), True, False, False),
         "shapley": (ONE_SHOT, "distance", ("sublayer", "block"), True, False, False),
         "blockpruner": (GREEDY, "perplexity", ("sublayer", "block"), True, False, False),
+        "beam": (SEARCH, "distance", ("sublayer", "block"), True, False, True),
+        "swap": (SEARCH, "distance", ("sublayer", "block"), True, False, True),
+        "evopress": (SEARCH, "distance", ("sublayer", "block"), True, False, True),
     }
     assert set(compare_entries()) == {"finercut", "finercut_block", "finercut_attention", "finercut_ffn", "shortgpt",
-                                      "deeper_layers", "random", "shapley", "shapley_block", "blockpruner"}
+                                      "deeper_layers", "random", "shapley", "shapley_block", "blockpruner", "beam",
+                                      "swap", "evopress"}
     assert [e.name for _, e in compare_entries().values() if e.primary] == ["finercut"]
 
 

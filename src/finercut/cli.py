@@ -317,6 +317,10 @@ def summarize_record(record: Record, output_dir: Path | None = None) -> str:
 
         lines += gains_lines(record.extras["gains"])
     lines += record.method_spec.describe(record)
+    if record.search:
+        from finercut.methods.setsearch import search_lines
+
+        lines += search_lines(record.search)
     timings = record.timings
     if "search_seconds" in timings:
         lines.append(f"search time: {timings['search_seconds']:.1f} s (+ {timings['reference_seconds']:.1f} s "

@@ -94,14 +94,16 @@ def plot_step_scores(steps: Sequence[dict], path: Path, *, title: str) -> Path:
             drawn["bound"] = True
         if step.get("distance"):
             ax.scatter([column], [step["distance"]], s=30, color="black", zorder=3,
-                       label="removed" if column == 1 else None)
+                       label=None if drawn.get("removed") else "removed")
+            drawn["removed"] = True
     if drawn["complete"] or drawn["bound"]:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("distance to the original output")
     ax.set_xticks(range(1, len(steps) + 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
@@ -120,6 +122,27 @@ def plot_metric_vs_ratio(
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_search_progress(series: dict[str, Sequence[tuple[float, float]]], path: Path, *, title: str) -> Path:
+    """One line per search of ``(evaluations, objective)`` points (a record's ``search.improvements``): the
+    distance of the best removal set found against the set evaluations spent, as steps, log scale."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, points in series.items():
+        points = sorted(points)
+        if not points:
+            continue
+        ax.plot([n for n, _ in points], [v for _, v in points], drawstyle="steps-post", marker="o", markersize=3,
+                label=name)
+    ax.set_xlabel("set evaluations")
+    ax.set_ylabel("distance of the removal set")
+    if any(v > 0 for points in series.values() for _, v in points):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

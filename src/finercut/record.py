@@ -425,7 +425,8 @@ class RecordError(ConfigError):
 
 
 COMPUTED_KEYS = ("format", "created", "method", "granularity", "metric", "scorer", "model", "calibration",
-                 "environment", "config", "target", "reached", "window", "removed", "steps", "timings", "outputs")
+                 "environment", "config", "target", "reached", "window", "removed", "steps", "timings", "outputs",
+                 "search")
 """The keys :meth:`Record.to_dict` writes from the record's fields; every other key is an extra (``kv_cache``,
 ``scoring``, ``importance``, ``cost_target``, ``cost_model``, ``cost_trajectory``, ``distributed``, ...)."""
 
@@ -452,6 +453,11 @@ class Record:
     outputs: tuple[str, ...] = ()
     """The files and folders of the run folder made for this record (``layer_map.png``, ``model``, ...)."""
     extras: dict = field(default_factory=dict)
+    search: dict | None = None
+    """A search over whole removal sets (beam, swap, EvoPress): ``kind``, the final ``objective`` (the distance of
+    the removed set), ``greedy_objective``, ``evaluations`` spent, ``improvements`` (``evaluations``,
+    ``objective``, ``seconds`` after each), ``seconds``, ``block_executions``; None for other methods (and in
+    records written before searches existed)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -557,6 +563,7 @@ class Record:
             "steps": [step.to_dict() for step in self.steps],
             "timings": self.timings,
             "outputs": list(self.outputs),
+            **({"search": self.search} if self.search is not None else {}),
             **self.extras,
         }
 
@@ -582,6 +589,7 @@ class Record:
                 timings=dict(data.get("timings") or {}), created=str(data.get("created") or ""),
                 outputs=tuple(data.get("outputs") or ()),
                 extras={key: value for key, value in data.items() if key not in COMPUTED_KEYS},
+                search=dict(data["search"]) if data.get("search") is not None else None,
             )
         except ConfigError as error:
             raise RecordError(f"{where}{error}") from None

@@ -241,8 +241,9 @@ def search_model(
         limit = getattr(model.config, "max_position_embeddings", None) or GAINS_CONTEXT
         extras["gains"] = run_gains(model, [step.unit for step in steps], input_ids,
                                     context_length=min(GAINS_CONTEXT, limit))
+    search = extras.pop("search", None)
     record = Record(
-        config=config, model={**model_info, "num_blocks": num_blocks}, calibration=calibration_info,
+        config=config, search=search, model={**model_info, "num_blocks": num_blocks}, calibration=calibration_info,
         environment=environment_info(threads=config.threads or torch.get_num_threads(),
                                      device=str(config.device if config.device != "auto" else model.device)),
         steps=tuple(steps), target_count=len(steps) if budget else target,

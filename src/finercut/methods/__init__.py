@@ -25,14 +25,18 @@ from finercut.methods.base import (
     Selecting,
     option,
 )
+from finercut.methods.beam import Beam
 from finercut.methods.blockpruner import BlockPruner
 from finercut.methods.deeper_layers import DeeperLayers
+from finercut.methods.evopress import EvoPress
 from finercut.methods.finercut import FinerCut
 from finercut.methods.random_removal import RandomRemoval
 from finercut.methods.shapley import Shapley
 from finercut.methods.shortgpt import ShortGPT
+from finercut.methods.swap import Swap
 
-BUILTIN: tuple[Method, ...] = (FinerCut(), ShortGPT(), DeeperLayers(), RandomRemoval(), Shapley(), BlockPruner())
+BUILTIN: tuple[Method, ...] = (FinerCut(), ShortGPT(), DeeperLayers(), RandomRemoval(), Shapley(), BlockPruner(),
+                               Beam(), Swap(), EvoPress())
 """The methods finercut ships, in the order the command line lists them (the first is the default)."""
 
 _REGISTRY: dict[str, Method] = {}

@@ -53,6 +53,15 @@ class NaiveScorer:
                 on_candidate(unit, distance)
         return results
 
+    @torch.inference_mode()
+    def set_distance(self, removed: Sequence[Unit]) -> float:
+        """The distance of the model without ``removed`` (any set) from the original: its own full forward on
+        every batch and the plain distance (the reference of :class:`finercut.scoring.sets.SetScorer`)."""
+        context = self.context
+        with masked(context.model, context.adapter, list(removed)):
+            sums = [self._batch_distance_sum(b) for b in range(len(context.batches))]
+        return math.fsum(sums) / context.num_positions
+
     def _batch_distance_sum(self, batch_index: int) -> float:
         context, work = self.context, self.context.work
         input_ids = context.batches[batch_index].input_ids.to(input_device(context.model))

@@ -24,7 +24,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from finercut.candidates import Unit  # noqa: E402
 from finercut.errors import MissingFileError  # noqa: E402
 from finercut.jsonio import read_json  # noqa: E402
-from finercut.plots import ATTENTION_COLOR, FFN_COLOR, plot_layer_map, plot_metric_vs_ratio  # noqa: E402
+from finercut.plots import (  # noqa: E402
+    ATTENTION_COLOR, FFN_COLOR, plot_layer_map, plot_metric_vs_ratio, plot_search_progress,
+)
 from finercut.record import Record, read_record  # noqa: E402
 from finercut.study.table import compare_series, results_table  # noqa: E402
 
@@ -178,6 +180,22 @@ def layer_map_uri(record: Record, folder: Path | None, *, title: str) -> str:
     return drawn_png_uri(lambda path: plot_layer_map(record.removed, record.num_blocks, path, title=title))
 
 
+def search_series(record: Record, label: str) -> dict[str, list[tuple[float, float]]]:
+    """A search record's objective after each improvement, as ``(evaluations, objective)`` points, extended to
+    the evaluations spent (the line runs on to where the search stopped); nothing for other records."""
+    search = record.search
+    if not search or not search.get("improvements"):
+        return {}
+    points = [(float(p["evaluations"]), float(p["objective"])) for p in search["improvements"]]
+    if search.get("evaluations", 0) > points[-1][0]:
+        points.append((float(search["evaluations"]), float(search["objective"])))
+    return {label: points}
+
+
+def search_figure_uri(series: dict[str, list[tuple[float, float]]], *, title: str) -> str:
+    return drawn_png_uri(lambda path: plot_search_progress(series, path, title=title))
+
+
 def metric_figure_uri(series: dict[str, list[tuple[float, float]]], *, ylabel: str, title: str,
                       log_y: bool = False) -> str:
     return drawn_png_uri(lambda path: plot_metric_vs_ratio(series, path, ylabel=ylabel, title=title, log_y=log_y))
@@ -245,8 +263,22 @@ def run_sections(record: Record, folder: Path | None, *, heading: str = "") -> l
         sections.append(f'<p class="note">Each point is one candidate scored at that step; the black line is the '
                         f"candidate removed. {bounds} candidate scores are lower bounds (scoring stopped once the "
                         "candidate could no longer be the least), drawn as open triangles.</p>")
+    elif record.search:
+        sections.append('<p class="note">A search over whole removal sets: its steps are the units of its answer, '
+                        "with no candidates of their own; how the answer improved is under Search.</p>")
     else:
         sections.append('<p class="note">This method scores no candidates (random removal).</p>')
+    series = search_series(record, record.method)
+    if series:
+        search = record.search
+        sections.append(f"<h2>{html.escape(prefix)}Search</h2>")
+        sections.append(image(search_figure_uri(series, title=record.title()), "objective vs evaluations"))
+        greedy = search.get("greedy_objective")
+        sections.append(
+            f'<p class="note">{html.escape(str(search.get("kind")))}: objective {search["objective"]:.6g} (the '
+            "distance of the removed set)" + (f", greedy's {greedy:.6g}" if greedy else "")
+            + f", after {search['evaluations']} set evaluations in {search.get('seconds', 0.0):.1f} s. Each point "
+            "is the objective after an improvement.</p>")
     gains = record.extras.get("gains")
     if gains:
         sections.append(f"<h2>{html.escape(prefix)}What was gained</h2>")
@@ -310,6 +342,20 @@ def compare_variants(folder: Path) -> tuple[Any, list[Any], list[dict[str, Any] 
     return config, variants, results
 
 
+def compare_searches(folder: Path, config: Any) -> dict[str, list[tuple[float, float]]]:
+    """Every search run of a compare folder (beam, swap, EvoPress, at each ratio), for one figure."""
+    from finercut.study.compare import entry_named, run_folders, split_method
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for spec in config.methods:
+        name = split_method(spec, ())[0]
+        _, entry = entry_named(name)
+        for ratio, run in run_folders(folder, name, config.method_ratios(spec)):
+            if (run / "record.json").is_file():
+                series.update(search_series(read_record(run), f"{entry.label}, r={ratio:g}"))
+    return series
+
+
 def compare_page(folder: Path) -> str:
     from finercut.study.compare import entry_named
 
@@ -330,6 +376,9 @@ def compare_page(folder: Path) -> str:
     if perplexity:
         figures.append(image(metric_figure_uri(perplexity, ylabel="WikiText-2 perplexity (log)",
                                                title="WikiText-2 perplexity", log_y=True), "perplexity"))
+    searches = compare_searches(folder, config)
+    if searches:
+        figures.append(image(search_figure_uri(searches, title="Searches: objective vs evaluations"), "searches"))
     if figures:
         sections.append('<div class="figures">' + "".join(figures) + "</div>")
     for spec in config.methods:
