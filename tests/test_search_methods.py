@@ -150,3 +150,14 @@ def test_the_report_draws_objective_vs_evaluations_for_a_run_and_a_compare_folde
     compare_page = write_report(folder, tmp_path / "compare.html").read_text()
     assert compare_page.count('alt="searches"') == 1
     assert "<h2>Search</h2>" not in compare_page  # the searches are not primary entries: no run sections
+
+
+def test_a_missing_or_mismatched_start_run_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, word_text,
+                                                                            one_thread):
+    """``--start`` is read when the run's settings are checked: a wrong folder costs no model load."""
+    with pytest.raises(ConfigError, match="no record.json"):
+        RunConfig(method="swap", count=2, options={"start": str(tmp_path / "nothere")})
+    start = tmp_path / "start"
+    in_process(prune_args(tiny_model_dir, word_text, start, "--count", "2", "--method", "random", "--no-save-model"))
+    with pytest.raises(ConfigError, match="removed sublayer units, this one block"):
+        RunConfig(method="swap", count=2, granularity="block", options={"start": str(start)})

@@ -31,9 +31,9 @@ class SwapOptions:
                                               "evopress; default: none, swap stops at a local optimum)")
 
 
-def start_units(folder: str, config, num_blocks: int) -> list[Unit]:
-    """The removals of the run in ``folder`` (its ``record.json``), checked against this run's granularity,
-    ``only``, model size and count."""
+def read_start(folder: str, config) -> tuple[list[Unit], int]:
+    """The removals of the run in ``folder`` (its ``record.json``) and its model's block count, checked against
+    this run's granularity and ``only``: all that can be known before the model is loaded."""
     from finercut.jsonio import read_json
 
     path = Path(folder).expanduser()
@@ -50,6 +50,12 @@ def start_units(folder: str, config, num_blocks: int) -> list[Unit]:
     if granularity != config.granularity or only != config.only:
         raise ConfigError(f"--start {folder}: its run removed {granularity} units{f' ({only} only)' if only else ''}, "
                           f"this one {config.granularity}{f' ({config.only} only)' if config.only else ''}")
+    return removed, blocks
+
+
+def start_units(folder: str, config, num_blocks: int) -> list[Unit]:
+    """The removals of the run in ``folder``, checked against this run (:func:`read_start`), model size and count."""
+    removed, blocks = read_start(folder, config)
     if blocks != num_blocks:
         raise ConfigError(f"--start {folder}: its model has {blocks} blocks, this one {num_blocks}")
     if len(removed) != config.target(num_blocks):
@@ -72,6 +78,8 @@ class Swap(Method):
 
     def check(self, config) -> None:
         check_set_search(config)
+        if config.options.start is not None:  # the start run is read before the model loads
+            read_start(config.options.start, config)
 
     def select(self, request: Selecting) -> list[Step]:
         config = request.config
