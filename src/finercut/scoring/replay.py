@@ -45,6 +45,18 @@ BOUNDED_OUTPUT_BYTES = 2**30
 a batch is replayed again, from its latest replay state)."""
 
 
+
+def output_sum(context: ScoringContext, batch_index: int, hidden: torch.Tensor, *, gram: GramReference | None = None,
+               objective: "Objective | None" = None) -> float:
+    """What a candidate's final hidden states ``hidden`` (one batch) score, summed over the batch's positions:
+    the objective's sum if the run has one, else the output distance through the Gram form when it applies, else
+    through the head."""
+    if objective is not None:
+        return objective.batch_sum(batch_index, hidden)
+    if gram is not None:
+        return gram.distance_sum(batch_index, hidden)
+    return context.distance_sum(batch_index, hidden)
+
 class Objective(Protocol):
     """What candidates are scored by in place of the output distance: a sum over positions of terms >= 0 (so
     the early abort's bound holds), averaged over ``num_positions`` and mapped by a non-decreasing
@@ -167,12 +179,7 @@ class FastScorer:
             return check_finite(total, unit, self.context.model.dtype)
         with masked(self.context.model, self.context.adapter, [unit]):
             hidden = self._replay(unit, batch_index)
-            if self.objective is not None:
-                total = self.objective.batch_sum(batch_index, hidden)
-            elif self.gram is not None:
-                total = self.gram.distance_sum(batch_index, hidden)
-            else:
-                total = self.context.distance_sum(batch_index, hidden)
+            total = output_sum(self.context, batch_index, hidden, gram=self.gram, objective=self.objective)
         return check_finite(total, unit, self.context.model.dtype)
 
     @torch.inference_mode()

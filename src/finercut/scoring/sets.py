@@ -46,7 +46,7 @@ from finercut.candidates import Unit
 from finercut.masking import masked
 from finercut.scoring.context import ScoringContext, check_finite, run_block
 from finercut.scoring.gram import GramReference, gram_applies
-from finercut.scoring.replay import DEFAULT_REPLAY_STATE_BYTES, Objective
+from finercut.scoring.replay import DEFAULT_REPLAY_STATE_BYTES, Objective, output_sum
 from finercut.scoring.subset import SubsetBound, subset_size
 
 RemovalSet = frozenset  # of Unit
@@ -236,12 +236,7 @@ class SetScorer:
         return sum(self.context.batches[b].num_samples for b in chosen if b in known)
 
     def _batch_sum(self, units: frozenset, batch_index: int, hidden: torch.Tensor) -> float:
-        if self.objective is not None:
-            total = self.objective.batch_sum(batch_index, hidden)
-        elif self.gram is not None:
-            total = self.gram.distance_sum(batch_index, hidden)
-        else:
-            total = self.context.distance_sum(batch_index, hidden)
+        total = output_sum(self.context, batch_index, hidden, gram=self.gram, objective=self.objective)
         total = check_finite(total, _Named(units), self.context.model.dtype)
         if not total >= 0:
             raise ValueError(f"distance sum {total} of {sorted(map(str, units))} is negative: the bound would "
