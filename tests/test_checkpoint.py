@@ -7,11 +7,14 @@ attention, the whole of block 2 and block 1's FFN (4 dense blocks -> 3, attentio
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,7 +141,7 @@ def test_a_block_that_lost_both_sublayers_disappears(arch):
     adapter = adapter_for(pruned)
     blocks = adapter.blocks_of(pruned)
     assert len(blocks) == len(KEPT_DENSE_BLOCKS) == getattr(pruned.config, adapter.num_layers)
-    assert pruned.config.model_type == f"finercut_{dense.config.model_type}"
+    assert pruned.config.model_type == dense.config.model_type  # the layout, not the type, makes it pruned
     assert pruned.config.finercut["original_num_blocks"] == 4
     # Dense block 3 is now block 2, with its own weights.
     dense_block_3 = adapter.blocks_of(dense)[3].named_parameters()
@@ -242,12 +245,12 @@ def test_folder_holds_weights_tokenizer_modeling_file_and_report(tmp_path):
     folder = tmp_path / "model"
 
     names = {p.name for p in folder.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", MODELING_FILE, REPORT_FILE,
+    assert {"model.finercut.safetensors", "config.json", "generation_config.json", MODELING_FILE, REPORT_FILE,
             "tokenizer.json", "tokenizer_config.json"} <= names
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
 
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "finercut_llama"
+    assert config["model_type"] == "llama"
     assert config["architectures"] == ["FinerCutLlamaForCausalLM"]
     assert config["auto_map"] == {
         "AutoConfig": "modeling_finercut.FinerCutLlamaConfig",
@@ -313,25 +316,67 @@ def test_the_saved_folder_loads_where_finercut_is_not_installed(tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_plain_auto_load_refuses_rather_than_build_the_dense_model(arch, tmp_path):
+    # The config names the base model type, so transformers builds its own class without asking; that class
+    # looks for model.safetensors, which a pruned folder does not have (its weights are the finercut variant).
     save_pruned(pruned_model(arch), tmp_path / "model")
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=False)
-
-
-def test_plain_auto_load_without_an_answer_to_the_remote_code_prompt_refuses(tmp_path):
-    # Interactive sessions get transformers' [y/N] prompt; with no answer (here: no stdin) it refuses.
-    save_pruned(pruned_model("llama"), tmp_path / "model")
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for trust in (False, None):
+        with pytest.raises(OSError, match="no file named model.safetensors"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "model", **({} if trust is None else
+                                                                        {"trust_remote_code": trust}))
 
 
 def test_the_dense_base_class_is_no_way_to_load_and_transformers_says_so(tmp_path):
-    # Pins transformers' behaviour: forcing the dense class onto the folder does build random removed sub-layers,
-    # but reports each of them as missing. Use load_pruned or trust_remote_code instead.
+    # Pins transformers' behaviour: forcing the dense class onto the folder's weights does build random removed
+    # sub-layers, but reports each of them as missing. Use load_pruned or trust_remote_code instead.
     save_pruned(pruned_model("llama"), tmp_path / "model")
-    _, info = LlamaForCausalLM.from_pretrained(tmp_path / "model", output_loading_info=True)
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        LlamaForCausalLM.from_pretrained(tmp_path / "model")
+    _, info = LlamaForCausalLM.from_pretrained(tmp_path / "model", variant="finercut", output_loading_info=True)
     assert "model.layers.0.self_attn.q_proj.weight" in info["missing_keys"]  # dense block 0's attention
     assert "model.layers.1.mlp.up_proj.weight" in info["missing_keys"]  # dense block 1's FFN
+
+
+@contextlib.contextmanager
+def no_warnings(caplog):
+    """Fails if the block emits a Python warning or a transformers log record at WARNING or above."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        hf_logging.disable_propagation()
+    said = [str(warning.message) for warning in caught] + [record.getMessage() for record in caplog.records
+                                                            if record.levelno >= logging.WARNING]
+    assert said == []
+
+
+def test_the_tokenizer_and_config_load_with_plain_transformers_quietly(tmp_path, caplog, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    save_pruned(pruned_model("llama"), tmp_path / "model", tokenizer=tiny_tokenizer())
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("transformers asked about custom code"))
+    with no_warnings(caplog):
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+        config = AutoConfig.from_pretrained(tmp_path / "model")
+    assert tokenizer("hello world")["input_ids"] == [3, 4]
+    assert type(config) is LlamaConfig and config.finercut["removed"][0] == {"block": 0, "kind": "attention"}
+
+
+def test_a_folder_saved_before_weights_variants_still_loads(tmp_path, caplog):
+    # Older finercut wrote model.safetensors and model type finercut_<base>.
+    pruned = pruned_model("llama")
+    folder = tmp_path / "model"
+    save_pruned(pruned, folder)
+    (folder / "model.finercut.safetensors").rename(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "finercut_llama"}))
+    ids = tiny_input_ids()
+    with no_warnings(caplog):
+        reloaded = load_pruned(folder)
+    assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
 
 
 def test_transformers_per_layer_skip_does_not_prune_in_this_version():
@@ -373,7 +418,7 @@ def test_sharded_weights_load_and_are_checked(tmp_path):
     pruned = pruned_model("gpt2")
     report = save_pruned(pruned, tmp_path / "model", max_shard_size="20KB")
     shards = sorted((tmp_path / "model").glob("*.safetensors"))
-    assert len(shards) > 1 and (tmp_path / "model" / "model.safetensors.index.json").is_file()
+    assert len(shards) > 1 and (tmp_path / "model" / "model.safetensors.index.finercut.json").is_file()
     assert report.weight_file_bytes == sum(shard.stat().st_size for shard in shards)
     ids = tiny_input_ids()
     assert torch.equal(load_pruned(tmp_path / "model")(ids).logits, pruned(ids).logits)
@@ -395,7 +440,7 @@ def test_a_model_loaded_through_transformers_saves_again(tmp_path):
     report = save_pruned(reloaded, tmp_path / "second")
 
     assert report.before == parameter_stats(dense_model("gemma2"))
-    assert json.loads((tmp_path / "second" / "config.json").read_text())["model_type"] == "finercut_gemma2"
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["model_type"] == "gemma2"
     ids = tiny_input_ids()
     assert torch.equal(load_pruned(tmp_path / "second", **same_kernels(pruned))(ids).logits, pruned(ids).logits)
 
@@ -433,7 +478,7 @@ def test_save_refuses_a_non_empty_folder_unless_told_to_overwrite(tmp_path):
     save_pruned(pruned_model("llama"), tmp_path / "model")
     save_pruned(pruned_model("gpt2"), tmp_path / "model", overwrite=True)  # finercut's own folder is replaced
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
-    assert load_pruned(tmp_path / "model").config.model_type == "finercut_gpt2"
+    assert load_pruned(tmp_path / "model").config.model_type == "gpt2"
 
 
 def test_save_writes_into_an_existing_empty_folder(tmp_path):
@@ -449,7 +494,7 @@ def test_saved_files_get_the_permissions_the_umask_allows(tmp_path):
     finally:
         os.umask(previous)
     modes = {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "model").iterdir()}
-    assert "model.safetensors" in modes
+    assert "model.finercut.safetensors" in modes
     assert set(modes.values()) == {0o644}, modes
 
 
@@ -491,6 +536,6 @@ def test_size_report_counts_the_removed_sublayers_by_type(tmp_path):
     assert removed == {"attention": removed_attention, "ffn": removed_ffn, "norms": removed_norms,
                        "embeddings": 0, "other": 0}
     assert report.removed_bytes() == 4 * report.removed_parameters()  # float32
-    assert report.weight_file_bytes == (tmp_path / "model" / "model.safetensors").stat().st_size
+    assert report.weight_file_bytes == (tmp_path / "model" / "model.finercut.safetensors").stat().st_size
     table = report.format()
     assert "embeddings/head" in table and f"{report.removed_parameters():,}" in table

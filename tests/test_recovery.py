@@ -245,7 +245,7 @@ def test_saved_replacements_reload_both_ways_with_identical_logits(arch, method,
         assert set(loaded.state_dict()) == set(pruned.state_dict())
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, expected)
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # the dense class refuses the folder
         AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=False)
 
 

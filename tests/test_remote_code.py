@@ -184,6 +184,24 @@ def test_the_terminal_shows_transformers_prompt_and_y_runs_the_folders_code(fold
     folders["marker"].unlink()
 
 
+def test_plain_transformers_loads_a_pruned_folders_tokenizer_without_a_prompt(folders, no_marker, tmp_path):
+    # What a user of the saved model types first. The model itself needs trust_remote_code (or load_pruned); the
+    # dense class refuses for want of model.safetensors instead of filling the removed sub-layers at random.
+    code, shown, answered = python_on_terminal(f"""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(folders['pruned'])!r})
+        print("tokens:", tokenizer("hello world")["input_ids"])
+        try:
+            AutoModelForCausalLM.from_pretrained({str(folders['pruned'])!r})
+        except OSError as error:
+            print("model:", error)
+    """, tmp_path)
+    assert (code, answered) == (0, 0) and PROMPT not in shown, shown
+    lines = shown.strip().splitlines()
+    assert lines[0].startswith("tokens: [") and len(lines) == 2, shown  # nothing else: no warning
+    assert lines[1].startswith("model: Error no file named model.safetensors"), shown
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The command line: refused in one line, exit code 2, no prompt, no code run, nothing written
 
@@ -219,7 +237,7 @@ def test_prune_on_a_pruned_folder_says_what_it_is(folders, no_marker, tmp_path):
     shown = finercut_on_terminal(["prune", "--model", str(folders["pruned"]), "--calibration", str(folders["text"]),
                                   "--output", str(tmp_path / "run")], tmp_path)
     line = assert_one_line_refusal(*shown, "prune")
-    assert "is a model pruned by finercut (model type 'finercut_llama'); this needs the dense model" in line
+    assert "is a model pruned by finercut (a llama model with sub-layers removed); this needs the dense model" in line
 
 
 @pytest.mark.slow  # two commands that load lm-eval and write a GGUF; the loaders below cover the same calls
@@ -330,8 +348,9 @@ def test_model_code_refusal_rule():
     assert "model type 'x_model', which transformers does not know, and an auto_map to the model's own code " \
            "(configuration_x.py, modeling_x.py)" in model_code_refusal({"model_type": "x_model", "auto_map": code})
     assert "model type None" in model_code_refusal({"auto_map": code})
-    assert "is a model pruned by finercut (model type 'finercut_llama')" in model_code_refusal(
-        {"model_type": "finercut_llama", "auto_map": code, "finercut": {}})
+    for model_type in ("llama", "finercut_llama"):  # finercut's folders before weights variants: finercut_<base>
+        assert f"is a model pruned by finercut (a {model_type} model" in model_code_refusal(
+            {"model_type": model_type, "auto_map": code, "finercut": {}})
 
 
 def test_tokenizer_code_refusal_rule():

@@ -1,13 +1,15 @@
 """Physically pruned models: apply a search result, save a folder that reloads, load it back, and report sizes.
 
-A saved folder is an ordinary ``transformers`` model folder whose config has model type ``finercut_<base>``, the
-pruning layout under ``config.finercut`` and an ``auto_map`` pointing at ``modeling_finercut.py``, a copy of
-:mod:`finercut.pruned_modeling` (torch + transformers only) written next to the weights. So it loads with
+A saved folder is an ordinary ``transformers`` model folder: its config keeps the base model type (``llama``) and
+adds the pruning layout under ``config.finercut`` and an ``auto_map`` pointing at ``modeling_finercut.py``, a copy
+of :mod:`finercut.pruned_modeling` (torch + transformers only) written next to the weights, which are saved as the
+weights variant ``model.finercut.safetensors``. So it loads with
 
 * ``finercut.load_pruned(path)`` (checks config against weights before reading them), or
-* ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` without finercut installed.
+* ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` without finercut installed,
 
-Without ``trust_remote_code`` ``transformers`` does not know the model type and refuses; it never builds the dense
+and ``AutoTokenizer.from_pretrained(path)`` loads its tokenizer without a question about custom code. Without
+``trust_remote_code`` the base class finds no ``model.safetensors`` and refuses; it never builds the dense
 architecture with random weights in the removed places.
 """
 
@@ -334,7 +336,9 @@ def save_pruned(
     try:
         staging.mkdir()
         extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        model.save_pretrained(staging, **extra)
+        # The weights as the model holds them (no conversion back to the hub layout of the base type, e.g. per-expert
+        # MoE tensors): check_checkpoint compares them with the pruned skeleton, and only finercut's classes load them.
+        model.save_pretrained(staging, variant=pruned_modeling.WEIGHTS_VARIANT, save_original_format=False, **extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MODELING_FILE).write_text(modeling_source(model.config.finercut["base_model_type"]))
@@ -350,7 +354,7 @@ def save_pruned(
 
 
 MODEL_FOLDER_FILES = re.compile(
-    r"^(config\.json|generation_config\.json|.*\.safetensors|model\.safetensors\.index\.json|tokenizer.*|"
+    r"^(config\.json|generation_config\.json|.*\.safetensors|model\.safetensors\.index(\.finercut)?\.json|tokenizer.*|"
     r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)|"
     r"modeling_finercut\.py|pruning\.json)$")
 """What a pruned folder of an older finercut (written without a manifest) holds."""
@@ -511,8 +515,11 @@ def read_pruned_config(path: str | os.PathLike) -> Any:
     if not isinstance(layout, dict):
         raise ConfigError(f"{config_file} has no finercut pruning layout: {path} is not a model saved by finercut")
     config_class, _ = pruned_classes(layout["base_model_type"])
-    # finercut's own config class: the folder's auto_map (to its copy of the code) is never consulted.
-    return config_class.from_pretrained(path, trust_remote_code=False)
+    # finercut's own config class: the folder's auto_map (to its copy of the code) is never consulted. A folder of
+    # finercut before weights variants names the model type finercut_<base>; it is the same config.
+    values, _ = config_class.get_config_dict(path)
+    values["model_type"] = config_class.model_type
+    return config_class.from_dict(values)
 
 
 def check_checkpoint(path: str | os.PathLike, config: Any = None) -> None:

@@ -322,20 +322,22 @@ def model_code_refusal(config: dict) -> str | None:
 
     That is the case when the config has an ``auto_map`` and a model type ``transformers`` does not know. (With a
     known model type the ``auto_map`` is ignored: ``trust_remote_code=False`` builds transformers' own class.)
-    A finercut pruned folder is such a folder too: it loads through :func:`finercut.load_pruned`.
+    A finercut pruned folder (whose model type transformers knows) is refused too: it loads through
+    :func:`finercut.load_pruned`.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from finercut.pruned_modeling import LAYOUT_KEY
 
     model_type = config.get("model_type")
+    if LAYOUT_KEY in config:  # its model type is the base's (older folders: finercut_<base>)
+        return (
+            f"it is a model pruned by finercut (a {model_type} model with sub-layers removed); this needs the dense "
+            "model it came from (finercut eval and finercut export take a pruned folder, and finercut.load_pruned "
+            "loads it)"
+        )
     if "auto_map" not in config or model_type in CONFIG_MAPPING:
         return None
-    if LAYOUT_KEY in config:
-        return (
-            f"it is a model pruned by finercut (model type {model_type!r}); this needs the dense model it came from "
-            "(finercut eval and finercut export take a pruned folder, and finercut.load_pruned loads it)"
-        )
     from finercut.adapters import supported_model_types
 
     return (

