@@ -50,10 +50,11 @@ def main() -> None:
         same = torch.equal(pruned(ids).logits, remote(ids).logits)
     print(f"finercut.load_pruned and from_pretrained(trust_remote_code=True) give identical logits: {same}")
     try:
-        # trust_remote_code=False, not unset: unset, transformers asks "run the custom code? [y/N]" in a terminal.
-        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+        # Without trust_remote_code transformers builds the dense class, which finds no model.safetensors (the
+        # pruned weights are the finercut variant) and refuses rather than fill the removed sub-layers at random.
+        AutoModelForCausalLM.from_pretrained(folder)
         print("plain from_pretrained loaded the folder (unexpected)")
-    except Exception as error:  # transformers refuses unknown model types without remote code
+    except OSError as error:
         print(f"plain from_pretrained refuses the folder: {type(error).__name__}: {str(error).splitlines()[0][:150]}")
 
     summary = json.loads((folder / "pruning.json").read_text())

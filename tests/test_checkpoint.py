@@ -365,6 +365,30 @@ def test_the_tokenizer_and_config_load_with_plain_transformers_quietly(tmp_path,
     assert type(config) is LlamaConfig and config.finercut["removed"][0] == {"block": 0, "kind": "attention"}
 
 
+def test_plain_save_pretrained_of_a_loaded_pruned_model_keeps_the_dense_class_out(tmp_path):
+    # A user's own save (save_pretrained, push_to_hub, a trainer's checkpoint) of the model loaded by either route.
+    pruned = pruned_model("mixtral")
+    save_pruned(pruned, tmp_path / "first")
+    ids = tiny_input_ids()
+    for route, loaded in (("remote", AutoModelForCausalLM.from_pretrained(tmp_path / "first", trust_remote_code=True,
+                                                                        **same_kernels(pruned))),
+                          ("finercut", load_pruned(tmp_path / "first", **same_kernels(pruned)))):
+        loaded.save_pretrained(tmp_path / route)
+        assert sorted(file.name for file in (tmp_path / route).glob("*.safetensors")) == ["model.finercut.safetensors"]
+        with pytest.raises(OSError, match="no file named model.safetensors"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / route)
+        assert torch.equal(load_pruned(tmp_path / route, **same_kernels(pruned))(ids).logits, pruned(ids).logits)
+
+
+def test_a_folder_with_stale_dense_class_weights_beside_the_pruned_ones_is_refused(tmp_path):
+    # E.g. a hub repository uploaded again over an older layout: transformers' dense class would read the stale file.
+    save_pruned(pruned_model("llama"), tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes((tmp_path / "model" / "model.finercut.safetensors")
+                                                           .read_bytes())
+    with pytest.raises(CheckpointMismatchError, match=r"and other weight files \(model.safetensors\).*delete them"):
+        load_pruned(tmp_path / "model")
+
+
 def test_a_folder_saved_before_weights_variants_still_loads(tmp_path, caplog):
     # Older finercut wrote model.safetensors and model type finercut_<base>.
     pruned = pruned_model("llama")
@@ -433,14 +457,15 @@ def test_load_pruned_converts_to_the_dtype_asked_for(tmp_path):
     assert load_pruned(tmp_path / "model", dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_a_model_loaded_through_transformers_saves_again(tmp_path):
-    pruned = pruned_model("gemma2")
+@pytest.mark.parametrize("arch", ["gemma2", "mixtral"])
+def test_a_model_loaded_through_transformers_saves_again(arch, tmp_path):
+    pruned = pruned_model(arch)
     save_pruned(pruned, tmp_path / "first")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", trust_remote_code=True, **same_kernels(pruned))
     report = save_pruned(reloaded, tmp_path / "second")
 
-    assert report.before == parameter_stats(dense_model("gemma2"))
-    assert json.loads((tmp_path / "second" / "config.json").read_text())["model_type"] == "gemma2"
+    assert report.before == parameter_stats(dense_model(arch))
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["model_type"] == arch
     ids = tiny_input_ids()
     assert torch.equal(load_pruned(tmp_path / "second", **same_kernels(pruned))(ids).logits, pruned(ids).logits)
 

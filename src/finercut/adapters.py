@@ -234,7 +234,7 @@ def supported_model_types() -> list[str]:
 def adapter_for_config(config: Any) -> ArchitectureAdapter:
     """The adapter for a ``transformers`` config, or a clear error naming the supported model types.
 
-    A pruned model's config (model type ``finercut_<base>``) maps to its base architecture's adapter.
+    A pruned model's config (its layout under ``config.finercut``) maps to its base architecture's adapter.
     """
     layout = getattr(config, LAYOUT_KEY, None)
     model_type = layout["base_model_type"] if isinstance(layout, dict) else getattr(config, "model_type", None)

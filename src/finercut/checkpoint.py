@@ -336,9 +336,7 @@ def save_pruned(
     try:
         staging.mkdir()
         extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        # The weights as the model holds them (no conversion back to the hub layout of the base type, e.g. per-expert
-        # MoE tensors): check_checkpoint compares them with the pruned skeleton, and only finercut's classes load them.
-        model.save_pretrained(staging, variant=pruned_modeling.WEIGHTS_VARIANT, save_original_format=False, **extra)
+        model.save_pretrained(staging, **extra)  # the pruned class's: the finercut weights variant, as held
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MODELING_FILE).write_text(modeling_source(model.config.finercut["base_model_type"]))
@@ -560,6 +558,12 @@ def saved_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointMismatchError(f"{path} holds no .safetensors weight files")
+    variant = [file for file in files if file.name.startswith(f"model.{pruned_modeling.WEIGHTS_VARIANT}")]
+    if variant and len(variant) < len(files):
+        stale = ", ".join(file.name for file in files if file not in variant)
+        raise CheckpointMismatchError(
+            f"{path} holds the pruned weights (model.{pruned_modeling.WEIGHTS_VARIANT}*.safetensors) and other weight "
+            f"files ({stale}), which transformers' dense class would read: delete them")
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         check_safetensors_complete(file)

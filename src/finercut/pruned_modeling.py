@@ -57,12 +57,12 @@ SUBLAYER_KINDS = (ATTENTION, FFN)
 
 
 CACHE_KEYWORDS = ("cache", "past_key_values")
+"""The KV cache's keyword in ``forward`` and ``generate``: ``past_key_values`` up to transformers 5.23, ``cache``
+from 5.24 on (the old name still works there, with a deprecation warning)."""
 WEIGHTS_VARIANT = "finercut"
 """Pruned weights are saved as ``model.finercut.safetensors`` (a ``transformers`` weights variant): the config
 keeps the base model type, so tools that only read it (``AutoTokenizer``, ``AutoConfig``) load it quietly, while
 the base class, which would fill the removed sub-layers with random weights, finds no ``model.safetensors``."""
-"""The KV cache's keyword in ``forward`` and ``generate``: ``past_key_values`` up to transformers 5.23, ``cache``
-from 5.24 on (the old name still works there, with a deprecation warning)."""
 
 
 def cache_keyword(forward: Callable) -> str:
@@ -386,7 +386,8 @@ class PrunedCausalLMMixin:
         """
         wants_info = kwargs.pop("output_loading_info", False)
         if "variant" not in kwargs and "gguf_file" not in kwargs:
-            kwargs["variant"] = saved_weights_variant(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+            path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            kwargs["variant"] = saved_weights_variant(path, kwargs.get("subfolder") or "")
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = loading_problems(info)
         if problems:
@@ -395,6 +396,17 @@ class PrunedCausalLMMixin:
                 + "; ".join(problems)
             )
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """``transformers``' ``save_pretrained``, writing the weights as :data:`WEIGHTS_VARIANT` as the model holds
+        them (no conversion back to the base type's hub layout, e.g. per-expert MoE tensors).
+
+        So a pruned model saved by any route (``save_pretrained``, ``push_to_hub``, a trainer's checkpoint) stays a
+        folder that the dense class refuses instead of loading with random weights in the removed sub-layers.
+        """
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(*args, **kwargs)
 
     def new_kv_cache(self) -> DynamicCache:
         """An empty KV cache with one layer per remaining attention, each of its original type."""
@@ -488,12 +500,12 @@ def pruned_classes(base_model_type: str) -> tuple[type, type]:
     return config_class, model_class
 
 
-def saved_weights_variant(path: Any) -> str | None:
-    """The weights variant to load from ``path``: :data:`WEIGHTS_VARIANT`, or None for a folder of finercut before
-    variants (plain ``model.safetensors``). A hub id is read as the current format."""
-    if path is None or not os.path.isdir(path):
+def saved_weights_variant(path: Any, subfolder: str = "") -> str | None:
+    """The weights variant to load from ``path`` (and ``subfolder``): :data:`WEIGHTS_VARIANT`, or None for a folder
+    of finercut before variants (plain ``model.safetensors``). A hub id is read as the current format."""
+    if path is None or not os.path.isdir(os.path.join(path, subfolder)):
         return WEIGHTS_VARIANT
-    names = os.listdir(path)
+    names = os.listdir(os.path.join(path, subfolder))
     current = any(name.startswith(f"model.{WEIGHTS_VARIANT}") or name.endswith(f".{WEIGHTS_VARIANT}.json")
                   for name in names)
     return WEIGHTS_VARIANT if current or not any(name.startswith("model") for name in names) else None
