@@ -54,7 +54,7 @@ def main() -> None:
         # pruned weights are the finercut variant) and refuses rather than fill the removed sub-layers at random.
         AutoModelForCausalLM.from_pretrained(folder)
         print("plain from_pretrained loaded the folder (unexpected)")
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder of finercut before weights variants
         print(f"plain from_pretrained refuses the folder: {type(error).__name__}: {str(error).splitlines()[0][:150]}")
 
     summary = json.loads((folder / "pruning.json").read_text())
