@@ -13,10 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
+from finercut.candidates import Unit
+
 
 def removal_order(folder: Path) -> list[str]:
     record = json.loads((folder / "record.json").read_text())
-    return [f"{unit['block']}.{'attn' if unit['kind'] == 'attention' else unit['kind']}" for unit in record["removed"]]
+    return [str(Unit.from_dict(unit)) for unit in record["removed"]]
 
 
 def overlap(reference: list[str], other: list[str]) -> float:

@@ -558,7 +558,7 @@ def saved_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointMismatchError(f"{path} holds no .safetensors weight files")
-    variant = [file for file in files if file.name.startswith(f"model.{pruned_modeling.WEIGHTS_VARIANT}")]
+    variant = [file for file in files if pruned_modeling.is_variant_weights_file(file.name)]
     if variant and len(variant) < len(files):
         stale = ", ".join(file.name for file in files if file not in variant)
         raise CheckpointMismatchError(

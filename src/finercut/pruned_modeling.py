@@ -500,12 +500,16 @@ def pruned_classes(base_model_type: str) -> tuple[type, type]:
     return config_class, model_class
 
 
+def is_variant_weights_file(name: str) -> bool:
+    """Whether a file name is one of the pruned weights' files (``model.finercut.safetensors`` or a shard of it)."""
+    return name.startswith(f"model.{WEIGHTS_VARIANT}")
+
+
 def saved_weights_variant(path: Any, subfolder: str = "") -> str | None:
     """The weights variant to load from ``path`` (and ``subfolder``): :data:`WEIGHTS_VARIANT`, or None for a folder
     of finercut before variants (plain ``model.safetensors``). A hub id is read as the current format."""
     if path is None or not os.path.isdir(os.path.join(path, subfolder)):
         return WEIGHTS_VARIANT
     names = os.listdir(os.path.join(path, subfolder))
-    current = any(name.startswith(f"model.{WEIGHTS_VARIANT}") or name.endswith(f".{WEIGHTS_VARIANT}.json")
-                  for name in names)
+    current = any(is_variant_weights_file(name) or name.endswith(f".{WEIGHTS_VARIANT}.json") for name in names)
     return WEIGHTS_VARIANT if current or not any(name.startswith("model") for name in names) else None
