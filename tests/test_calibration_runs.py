@@ -93,3 +93,69 @@ def test_a_task_objective_is_refused_where_it_does_not_apply(data_dir):
         RunConfig(ratio=0.25, objective="task:nope")
     with pytest.raises(ConfigError, match="need a task objective"):
         RunConfig(ratio=0.25, objective_examples=5)
+
+
+@pytest.fixture
+def no_wikitext(monkeypatch):
+    """Neither a data folder nor the hub: the hub's loader fails as it does offline (and records its calls)."""
+    from finercut import calibration, synthetic
+
+    calls = []
+
+    def unreachable(split):
+        calls.append(split)
+        raise calibration.DataError("could not load wikitext/wikitext-2-raw-v1 (train split) from the Hugging Face "
+                                    "hub (ConnectionError: no network). Offline, pass --data-dir")
+
+    monkeypatch.delenv(calibration.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(calibration, "hub_wikitext2_rows", unreachable)
+    monkeypatch.setattr(synthetic, "DEFAULT_PROMPT", "w1")  # the tiny models' vocabulary has no "The"
+    return calls
+
+
+def test_the_default_source_is_wikitext2_where_there_is_one_else_self_generated(no_wikitext, data_dir, monkeypatch):
+    from finercut import calibration
+
+    assert calibration.choose_default_calibration(data_dir) == ("wikitext2", None)
+    assert no_wikitext == []  # a data folder is enough: the hub is not asked
+    source, why = calibration.choose_default_calibration(None)
+    assert source == "self" and why.startswith("could not load wikitext") and "Offline" not in why
+    monkeypatch.setattr(calibration, "hub_wikitext2_rows", lambda split: ("some text",))
+    assert calibration.choose_default_calibration(None) == ("wikitext2", None)
+
+
+def test_without_a_corpus_a_run_calibrates_on_generated_samples_and_says_so(tmp_path, tiny_model_dir, word_text,
+                                                                            no_wikitext, capsys, one_thread,
+                                                                            monkeypatch):
+    from finercut import calibration
+
+    # asked for by name, WikiText-2 that cannot be had is an error before anything is written
+    assert cli.main(args(tiny_model_dir, tmp_path / "named", "--calibration", "wikitext2", "--count", "2")) == 2
+    assert "Offline, pass --data-dir" in capsys.readouterr().err and not (tmp_path / "named").exists()
+
+    run = tmp_path / "default"
+    assert cli.main(args(tiny_model_dir, run, "--count", "2")) == 0
+    said = capsys.readouterr()
+    assert "calibrating on 2 samples the model generates itself (--calibration self)" in said.out + said.err
+    assert read_record(run).calibration["source"] == "self"
+    assert json.loads((run / "run.json").read_text())["config"]["calibration"] == "self"  # reproducible as run
+    assert tuple(load_file(run / "calibration_ids.safetensors")["input_ids"].shape) == (2, 12)
+
+    # extended once the hub is back, the run keeps the source it started with, silently
+    monkeypatch.setattr(calibration, "hub_wikitext2_rows", lambda split: pytest.fail("the hub was asked"))
+    assert cli.main(args(tiny_model_dir, run, "--count", "3")) == 0
+    said = capsys.readouterr()
+    assert "generates itself" not in said.out + said.err and "generating" not in said.err
+    assert read_record(run).calibration["source"] == "self" and len(read_record(run).steps) == 3
+
+
+def test_the_library_default_warns_when_it_falls_back_to_generated_samples(tiny_model_dir, no_wikitext, one_thread):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finercut import prune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.warns(UserWarning, match="calibrating on samples the model generates itself"):
+        result = prune(model, tokenizer, count=1, num_samples=2, seq_len=12, progress=False)
+    assert result.record.calibration["source"] == "self" and result.record.config.calibration == "self"

@@ -48,7 +48,7 @@ def wikitext2_test_rows(data_dir: str | Path | None = None) -> list[str]:
     """
     root = resolve_data_dir(data_dir)
     if root is None:
-        return hub_wikitext2_rows("test")
+        return list(hub_wikitext2_rows("test"))
     path = root / WIKITEXT2_TEST_FILE
     if not path.is_file():
         raise MissingFileError(
