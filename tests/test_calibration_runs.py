@@ -68,7 +68,7 @@ def test_generation_options_apply_to_self_generated_calibration_only():
 
 
 def test_a_task_objective_scores_the_greedy_search_and_shapley(tmp_path, tiny_model_dir, word_text, data_dir,
-                                                              one_thread):
+                                                              one_thread, capsys):
     base = ["--calibration", str(word_text), "--data-dir", str(data_dir), "--objective", "task:arc_easy",
             "--objective-examples", "3", "--count", "2"]
     run = tmp_path / "greedy"
@@ -79,6 +79,8 @@ def test_a_task_objective_scores_the_greedy_search_and_shapley(tmp_path, tiny_mo
     assert objective["task"] == "arc_easy" and objective["num_examples"] == 3
     assert objective["indices"] == [objective["num_items"] - 3 + i for i in range(3)]  # the last items only
     assert all(step.distance is not None and step.distance > 0 for step in record.steps)  # answer NLLs
+    said = capsys.readouterr()
+    assert f"removed {record.steps[0].unit} (answer NLL {record.steps[0].distance:.6g}" in said.out + said.err
 
     shapley = tmp_path / "shapley"
     assert cli.main(args(tiny_model_dir, shapley, *base, "--method", "shapley", "--permutations", "2")) == 0

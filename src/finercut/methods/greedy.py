@@ -50,7 +50,8 @@ def run_greedy(request: Selecting, scorer: Any, *, window_first_block: int) -> l
         progress.plan(plan.remaining(removed_so_far) / world.size)
         if world.is_writer:  # rank 0 reports the steps for the job
             of = f"{target}" if budget is None else f"{budget.cost.measure} <= {budget.fraction:.1%}"
-            progress.write(f"step {step.index + 1}/{of}: removed {step.unit} (distance {step.distance:.6g}, "
+            score = "answer NLL" if config.objective else "distance"  # a task objective scores likelihoods
+            progress.write(f"step {step.index + 1}/{of}: removed {step.unit} ({score} {step.distance:.6g}, "
                            f"{step.seconds:.1f} s)")
         if request.on_step:
             request.on_step(step)
