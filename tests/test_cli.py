@@ -25,9 +25,11 @@ def test_show_summarizes_the_run(capsys, pruned_run):
     assert "Shapley values" not in out
 
 
-def test_eval_a_pruned_folder_and_a_run_applied_to_its_model(capsys, tmp_path, pruned_run, data_dir):
+def test_eval_a_pruned_folder_and_a_run_applied_to_its_model(capsys, tmp_path, pruned_run, data_dir, monkeypatch):
+    threads = []
+    monkeypatch.setattr("torch.set_num_threads", threads.append)
     common = ["--data-dir", str(data_dir), "--tasks", "arc_easy", "--limit", "2", "--ppl-max-windows", "1",
-              "--wikitext-docs", "0", "--ppl-window", "16"]
+              "--wikitext-docs", "0", "--ppl-window", "16", "--threads", "1"]
     assert main(["eval", str(pruned_run / "model"), *common, "--output", str(tmp_path / "a.json")]) == 0
     assert main(["eval", "--run", str(pruned_run), *common, "--output", str(tmp_path / "b.json")]) == 0
     folder, applied = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
@@ -36,6 +38,12 @@ def test_eval_a_pruned_folder_and_a_run_applied_to_its_model(capsys, tmp_path, p
     assert folder["windowed_perplexity"]["ppl"] == pytest.approx(applied["windowed_perplexity"]["ppl"], rel=1e-6)
     assert folder["tasks"]["scores"]["arc_easy"]["num_samples"] == 2
     assert "±" in capsys.readouterr().out
+    assert threads == [1, 1]  # each evaluation ran on the threads asked for
+
+
+def test_eval_refuses_a_thread_count_below_one_before_loading(capsys):
+    assert main(["eval", "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_eval_refuses_an_output_in_a_missing_folder_before_loading(capsys, tmp_path):

@@ -477,6 +477,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise MissingFileError(f"--output {args.output}: its folder does not exist")
     if args.count is not None and not args.run:
         raise ConfigError("--count applies to --run (the first N removals of a run)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer, label = _model_for_eval(args)
     results: dict = {"model": label}
     if args.ppl_max_windows != 0:
@@ -655,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu",
                           help="comma-separated lm-eval tasks ('' for none)")
     evaluate.add_argument("--ppl-window", type=int, default=2048, help="perplexity (a) window length")
+    evaluate.add_argument("--threads", type=int, help="CPU threads (default: all)")
     evaluate.add_argument("--output", help="write all results as JSON here")
     _add_eval_options(evaluate)
 
