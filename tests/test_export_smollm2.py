@@ -24,18 +24,6 @@ MIXED = [Unit(20, ATTENTION), Unit(25, ATTENTION), Unit(22, FFN), Unit(27, BLOCK
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from finercut.modelio import ModelLoadError, load_model, load_tokenizer, resolve_model_source
-
-    try:
-        source = resolve_model_source(None)
-    except ModelLoadError as error:
-        pytest.skip(str(error))
-    model, info = load_model(source, dtype="float32", device="cpu")
-    return model, load_tokenizer(source), info
-
-
 def pruned(tmp_path, smollm2, removed):
     dense, tokenizer, info = smollm2
     model = copy.deepcopy(dense)

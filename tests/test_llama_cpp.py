@@ -116,18 +116,6 @@ def engine() -> LlamaCpp:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from finercut.modelio import ModelLoadError, load_model, load_tokenizer, resolve_model_source
-
-    try:
-        source = resolve_model_source(None)
-    except ModelLoadError as error:
-        pytest.skip(str(error))
-    model, info = load_model(source, dtype="float32", device="cpu")
-    return model, load_tokenizer(source), info
-
-
-@pytest.fixture(scope="module")
 def wikitext_file(data_dir, tmp_path_factory) -> Path:
     """The text llama-perplexity reads: the test rows joined as llama_cpp_perplexity joins them."""
     path = tmp_path_factory.mktemp("wikitext") / "wiki.test.raw"
