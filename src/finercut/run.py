@@ -24,8 +24,8 @@ from torch import nn
 
 from finercut.adapters import adapter_for, adapter_for_config
 from finercut.calibration import (
-    AUTO, DATA_DIR_ENV, SELF_GENERATED, calibration_samples, canonical_calibration, choose_default_calibration, resolve_data_dir,
-    resolve_source, samples_info,
+    AUTO, DATA_DIR_ENV, SELF_GENERATED, calibration_samples, canonical_calibration, choose_default_calibration,
+    resolve_data_dir, resolve_source, samples_info,
 )
 from finercut.candidates import Unit, all_units
 from finercut.distances import METRICS, Metric, metric_named
