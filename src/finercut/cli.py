@@ -457,6 +457,8 @@ def _check_eval_options(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if getattr(args, "ppl_window", 2) < 2:
         raise ConfigError(f"--ppl-window must be at least 2 tokens, got {args.ppl_window}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     return tasks
 
 
@@ -477,8 +479,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.count is not None and not args.run:
         raise ConfigError("--count applies to --run (the first N removals of a run)")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
