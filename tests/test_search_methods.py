@@ -69,19 +69,22 @@ def test_a_search_method_runs_through_prune_show_and_apply(name, tmp_path, tiny_
     assert {Unit.from_dict(u) for u in pruned.config.finercut["removed"]} == set(record.removed)
 
 
-def test_swap_starts_from_a_given_run(tmp_path, tiny_model_dir, word_text, greedy_run, one_thread, capsys):
+@pytest.mark.parametrize("name", ["swap", "evopress_free"])
+def test_a_search_starts_from_a_given_run(name, tmp_path, tiny_model_dir, word_text, greedy_run, one_thread, capsys):
     start = tmp_path / "start"
     in_process(prune_args(tiny_model_dir, word_text, start, "--count", "3", "--method", "random", "--no-save-model"))
-    run = tmp_path / "swap"
-    in_process(prune_args(tiny_model_dir, word_text, run, "--count", "3", "--method", "swap", "--start", str(start),
+    capsys.readouterr()
+    run = tmp_path / "search"
+    in_process(prune_args(tiny_model_dir, word_text, run, "--count", "3", *SEARCHES[name], "--start", str(start),
                           "--no-save-model"))
+    assert "greedy step" not in capsys.readouterr().out  # the given start replaces the greedy phase
     search = read_record(run).search
     assert search["start"] == str(start) and search["greedy_objective"] is None
     assert search["objective"] <= search["start_objective"]
     assert search["improvements"][0]["objective"] == search["start_objective"]
     capsys.readouterr()
     # a start run of another count is refused, naming it
-    assert cli.main(prune_args(tiny_model_dir, word_text, tmp_path / "bad", "--count", "2", "--method", "swap",
+    assert cli.main(prune_args(tiny_model_dir, word_text, tmp_path / "bad", "--count", "2", *SEARCHES[name],
                                "--start", str(start), "--no-save-model")) != 0
     assert "removed 3 units, this run removes 2" in capsys.readouterr().err
 

@@ -81,6 +81,10 @@ def _method_option_dest(flag: str) -> str:
 
 def _add_method_options(group: argparse._ArgumentGroup) -> None:
     """Every registered method's own options (its options dataclass's fields), one flag each."""
+    owners: dict[str, list[str]] = {}  # a flag several methods share is listed once, naming them all
+    for method in registered().values():
+        for spec in option_fields(method.options):
+            owners.setdefault(spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}", []).append(method.name)
     seen: set[str] = set()
     for method in registered().values():
         for spec in option_fields(method.options):
@@ -89,7 +93,7 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
                 continue
             seen.add(flag)
             kind = option_type(method.options, spec.name)
-            help_text = f"{method.name}: {spec.metadata.get('help', '')}"
+            help_text = f"{', '.join(owners[flag])}: {spec.metadata.get('help', '')}"
             if kind is bool:
                 group.add_argument(flag, dest=_method_option_dest(flag), action="store_true", default=None,
                                    help=help_text)

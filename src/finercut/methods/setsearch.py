@@ -15,6 +15,7 @@ from its selection kind, and a search over whole sets is not greedy's (:data:`~f
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from finercut.candidates import Unit
@@ -54,6 +55,54 @@ def check_set_search(config: Any) -> None:
 def window_of(request: Selecting) -> Window:
     config = request.config
     return make_window(request.units, config.window_until_ratio, config.first_candidate_block(request.num_blocks))
+
+
+def read_start(folder: str, config) -> tuple[list[Unit], int]:
+    """The removals of the run in ``folder`` (its ``record.json``) and its model's block count, checked against
+    this run's granularity and ``only``: all that can be known before the model is loaded."""
+    from finercut.jsonio import read_json
+
+    path = Path(folder).expanduser()
+    path = path / "record.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"--start {folder}: no record.json (give a finished run folder)")
+    data = read_json(path, expect=dict, what="record")
+    try:
+        removed = [Unit.from_dict(entry) for entry in data["removed"]]
+        granularity, only = data["granularity"], (data.get("config") or {}).get("only")
+        blocks = int(data["model"]["num_blocks"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"--start {folder}: not a complete finercut record ({error})") from None
+    if granularity != config.granularity or only != config.only:
+        raise ConfigError(f"--start {folder}: its run removed {granularity} units{f' ({only} only)' if only else ''}, "
+                          f"this one {config.granularity}{f' ({config.only} only)' if config.only else ''}")
+    return removed, blocks
+
+
+def start_units(folder: str, config, num_blocks: int) -> list[Unit]:
+    """The removals of the run in ``folder``, checked against this run (:func:`read_start`), model size and count."""
+    removed, blocks = read_start(folder, config)
+    if blocks != num_blocks:
+        raise ConfigError(f"--start {folder}: its model has {blocks} blocks, this one {num_blocks}")
+    if len(removed) != config.target(num_blocks):
+        raise ConfigError(f"--start {folder}: it removed {len(removed)} units, this run removes "
+                          f"{config.target(num_blocks)}")
+    return removed
+
+
+def start_admits(request: Selecting, start: Sequence[Unit], moves: str) -> Callable[[Sequence[Unit]], bool]:
+    """The sets a search from ``start`` may visit: those the run's candidate window admits, or, when the start
+    set itself (a ``--start`` run's) does not obey the window, every set, said in the log."""
+    admits = window_of(request).admits
+    if admits(start):
+        return admits
+    request.log("finercut: the start set does not obey this run's candidate window (--window-until, "
+                f"--window-fraction); the {moves} are not restricted by it")
+    return _any_set
+
+
+def _any_set(units: Sequence[Unit]) -> bool:
+    return True
 
 
 class SearchRun:

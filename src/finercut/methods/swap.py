@@ -12,56 +12,22 @@ removal order obeys it). The answer is never worse than the start set: it only m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from finercut.candidates import Unit
-from finercut.errors import ConfigError
 from finercut.methods.base import DISTANCE, SEARCH, CompareEntry, Method, Selecting, option
-from finercut.methods.setsearch import SearchRun, check_set_search, set_scorer, set_steps, window_of
+from finercut.methods.setsearch import (SearchRun, check_set_search, read_start, set_scorer, set_steps, start_admits,
+                                        start_units)
 from finercut.search import Step
 from finercut.set_search import swap_search
 
 
 @dataclass(frozen=True)
 class SwapOptions:
-    start: str | None = option(None, flag="--start", help="a run folder whose removals are the start set "
-                                                          "(default: the greedy search's at the same count)")
+    start: str | None = option(None, flag="--start", help="start from this finished run's removal set instead of "
+                                                          "running the greedy search first (default: greedy's set "
+                                                          "at the same count)")
     max_evaluations: int | None = option(None, flag="--max-evaluations", minimum=1,
-                                         help="stop after this many set evaluations of the search itself (also "
-                                              "evopress; default: none, swap stops at a local optimum)")
-
-
-def read_start(folder: str, config) -> tuple[list[Unit], int]:
-    """The removals of the run in ``folder`` (its ``record.json``) and its model's block count, checked against
-    this run's granularity and ``only``: all that can be known before the model is loaded."""
-    from finercut.jsonio import read_json
-
-    path = Path(folder).expanduser()
-    path = path / "record.json" if path.is_dir() else path
-    if not path.is_file():
-        raise ConfigError(f"--start {folder}: no record.json (give a finished run folder)")
-    data = read_json(path, expect=dict, what="record")
-    try:
-        removed = [Unit.from_dict(entry) for entry in data["removed"]]
-        granularity, only = data["granularity"], (data.get("config") or {}).get("only")
-        blocks = int(data["model"]["num_blocks"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"--start {folder}: not a complete finercut record ({error})") from None
-    if granularity != config.granularity or only != config.only:
-        raise ConfigError(f"--start {folder}: its run removed {granularity} units{f' ({only} only)' if only else ''}, "
-                          f"this one {config.granularity}{f' ({config.only} only)' if config.only else ''}")
-    return removed, blocks
-
-
-def start_units(folder: str, config, num_blocks: int) -> list[Unit]:
-    """The removals of the run in ``folder``, checked against this run (:func:`read_start`), model size and count."""
-    removed, blocks = read_start(folder, config)
-    if blocks != num_blocks:
-        raise ConfigError(f"--start {folder}: its model has {blocks} blocks, this one {num_blocks}")
-    if len(removed) != config.target(num_blocks):
-        raise ConfigError(f"--start {folder}: it removed {len(removed)} units, this run removes "
-                          f"{config.target(num_blocks)}")
-    return removed
+                                         help="stop after this many set evaluations of the search itself "
+                                              "(default: none; swap stops at a local optimum)")
 
 
 class Swap(Method):
@@ -91,11 +57,7 @@ class Swap(Method):
         else:
             greedy = run.greedy(scorer)
             start, greedy_objective = greedy.best.order, greedy.best.distance
-        admits = window_of(request).admits
-        if not admits(start):
-            request.log("finercut: the start set does not obey this run's candidate window (--window-until, "
-                        "--window-fraction); the swaps are not restricted by it")
-            admits = _any_set
+        admits = start_admits(request, start, "swaps")
         result = swap_search(
             scorer, units=request.units, start=start, admits=admits,
             max_evaluations=config.options.max_evaluations, exhaustive=config.exhaustive,
@@ -110,8 +72,4 @@ class Swap(Method):
                          seconds=search["seconds"])
 
 
-def _any_set(units) -> bool:
-    return True
-
-
-__all__ = ["Swap", "SwapOptions", "start_units"]
+__all__ = ["Swap", "SwapOptions"]
