@@ -83,6 +83,8 @@ def test_a_search_starts_from_a_given_run(name, tmp_path, tiny_model_dir, word_t
     assert search["objective"] <= search["start_objective"]
     assert search["improvements"][0]["objective"] == search["start_objective"]
     capsys.readouterr()
+    assert cli.main(["show", str(run)]) == 0
+    assert f"(from {start}'s set, {search['start_objective']:.6g}: " in capsys.readouterr().out
     # a start run of another count is refused, naming it
     assert cli.main(prune_args(tiny_model_dir, word_text, tmp_path / "bad", "--count", "2", *SEARCHES[name],
                                "--start", str(start), "--no-save-model")) != 0

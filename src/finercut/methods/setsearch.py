@@ -177,8 +177,11 @@ def search_lines(search: dict) -> list[str]:
     lines = []
     objective, greedy = search.get("objective"), search.get("greedy_objective")
     text = f"search: {search.get('kind')}, objective {objective:.6g}"
+    start, start_objective = search.get("start"), search.get("start_objective")
     if greedy:
         text += f" (greedy {greedy:.6g}, {objective / greedy - 1:+.2%})"
+    elif start and start_objective:
+        text += f" (from {start}'s set, {start_objective:.6g}: {objective / start_objective - 1:+.2%})"
     ffe = (search.get("block_executions") or 0) / max(1, int(search.get("num_blocks") or 1))
     text += (f"; {search.get('evaluations')} evaluations, {ffe:.1f} full-forward equivalents, "
              f"{search.get('seconds', 0.0):.1f} s")
