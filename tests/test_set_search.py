@@ -6,6 +6,7 @@ seeded and finds the optimum of an additive objective."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -158,6 +159,31 @@ def test_an_aborted_swap_is_one_the_search_would_have_refused():
         assert fast.accepted == exhaustive.accepted > 0
         assert fast.trace.evaluations == exhaustive.trace.evaluations
         assert fast.distance < fast.start_distance
+    finally:
+        context.close()
+
+
+def test_a_swap_search_resumed_from_inside_a_scan_ends_on_the_uninterrupted_result():
+    """The state saved every few refused swaps says how far the scan came; resuming from any saved state (in the
+    middle of a scan or after an accepted swap) gives the uninterrupted search's set, distance and evaluations."""
+    model = tiny_model("llama", dtype=torch.float64)
+    context = context_of(model, samples=4)
+    try:
+        start = [Unit(0, "attention"), Unit(1, "ffn"), Unit(3, "attention")]
+        states: list[dict] = []
+        plain = swap_search(SetScorer(context), units=UNITS, start=start, admits=lambda s: True,
+                            on_state=lambda state: states.append(copy.deepcopy(state)), save_every=2)
+        assert plain.accepted > 0
+        inside = [state for state in states if state["scanned"] > 0]
+        assert inside and len(inside) < len(states)  # saved inside scans and at accepted swaps
+        for state in states:
+            resumed = swap_search(SetScorer(context), units=UNITS, start=start, admits=lambda s: True,
+                                  state=state, save_every=2)
+            assert (resumed.units, resumed.distance, resumed.accepted) == (plain.units, plain.distance,
+                                                                            plain.accepted)
+            assert resumed.trace.evaluations == plain.trace.evaluations
+            assert ([p["objective"] for p in resumed.trace.improvements]
+                    == [p["objective"] for p in plain.trace.improvements])
     finally:
         context.close()
 
