@@ -73,6 +73,17 @@ def set_distance(model: torch.nn.Module, reference: list[torch.Tensor], input_id
     return total / len(input_ids)
 
 
+def shared_tokens(calibration_ids: torch.Tensor, heldout_ids: torch.Tensor, span: int = 8) -> int:
+    """Held-out positions whose next ``span`` tokens also occur in a calibration window: windows drawn at random
+    from one text can overlap, and then "held out" is not wholly so.
+
+    Args:
+        calibration_ids: ``[samples, seq]``; heldout_ids: ``[heldout samples, seq]``.
+    """
+    seen = {tuple(row[i:i + span]) for row in calibration_ids.tolist() for i in range(len(row) - span + 1)}
+    return sum(tuple(row[i:i + span]) in seen for row in heldout_ids.tolist() for i in range(len(row) - span + 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=parse_run,
@@ -104,6 +115,9 @@ def main() -> None:
 
     heldout = samples(args.heldout_seed, args.samples, args.seq_len)
     own = {key: samples(*key) for key in configs}
+    for (seed, num_samples, seq_len), (ids, _) in own.items():
+        print(f"held-out positions starting 8 tokens that the {num_samples} x {seq_len} calibration windows (seed "
+              f"{seed}) contain too: {shared_tokens(ids, heldout[0])} of {heldout[0].numel()}", flush=True)
     rows = []
     for name, (record, count) in records.items():
         config = record["config"]
