@@ -79,26 +79,34 @@ def _method_option_dest(flag: str) -> str:
     return "method_option_" + flag.lstrip("-").replace("-", "_")
 
 
+def _flag_of(spec) -> str:
+    """The command-line flag of a method option's field."""
+    return spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
+
+
+def _flag_owners() -> dict[str, list[str]]:
+    """Every method option flag and the registered methods that have it, in registration order."""
+    owners: dict[str, list[str]] = {}
+    for method in registered().values():
+        for spec in option_fields(method.options):
+            owners.setdefault(_flag_of(spec), []).append(method.name)
+    return owners
+
+
 def _add_method_options(group: argparse._ArgumentGroup) -> None:
-    """Every registered method's own options (its options dataclass's fields), one flag each."""
-    owners: dict[str, list[str]] = {}  # a flag several methods share is listed once, naming them all
-    for method in registered().values():
-        for spec in option_fields(method.options):
-            owners.setdefault(spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}", []).append(method.name)
-    seen: set[str] = set()
-    for method in registered().values():
-        for spec in option_fields(method.options):
-            flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
-            if flag in seen:
-                continue
-            seen.add(flag)
-            kind = option_type(method.options, spec.name)
-            help_text = f"{', '.join(owners[flag])}: {spec.metadata.get('help', '')}"
-            if kind is bool:
-                group.add_argument(flag, dest=_method_option_dest(flag), action="store_true", default=None,
-                                   help=help_text)
-            else:
-                group.add_argument(flag, dest=_method_option_dest(flag), type=_typed(kind, flag), help=help_text)
+    """Every registered method's own options (its options dataclass's fields), one flag each; a flag several
+    methods share is added once (the first's type and help), naming them all."""
+    owners = _flag_owners()
+    for flag, names in owners.items():
+        options = method_named(names[0]).options
+        spec = next(spec for spec in option_fields(options) if _flag_of(spec) == flag)
+        kind = option_type(options, spec.name)
+        help_text = f"{', '.join(names)}: {spec.metadata.get('help', '')}"
+        if kind is bool:
+            group.add_argument(flag, dest=_method_option_dest(flag), action="store_true", default=None,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=_method_option_dest(flag), type=_typed(kind, flag), help=help_text)
 
 
 def _typed(kind: type, flag: str):
@@ -118,20 +126,15 @@ def _typed(kind: type, flag: str):
 def method_options_from_args(args: argparse.Namespace, method_name: str) -> dict:
     """The given options of ``method_name`` (by its option flags); another method's flag is refused."""
     method = method_named(method_name)
-    mine = {(spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"): spec.name
-            for spec in option_fields(method.options)}
+    mine = {_flag_of(spec): spec.name for spec in option_fields(method.options)}
     options = {}
-    for other in registered().values():
-        for spec in option_fields(other.options):
-            flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
-            value = getattr(args, _method_option_dest(flag), None)
-            if value is None:
-                continue
-            if flag not in mine:
-                owners = [m.name for m in registered().values()
-                          if any(s.metadata.get("flag") == flag for s in option_fields(m.options))]
-                raise ConfigError(f"{flag} is an option of method {', '.join(owners)}, not {method_name}")
-            options[mine[flag]] = value
+    for flag, owners in _flag_owners().items():
+        value = getattr(args, _method_option_dest(flag), None)
+        if value is None:
+            continue
+        if flag not in mine:
+            raise ConfigError(f"{flag} is an option of method {', '.join(owners)}, not {method_name}")
+        options[mine[flag]] = value
     return options
 
 
@@ -566,8 +569,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name in dict.fromkeys(compare_entries()[n][0].name for n in compare_entries()):
         given = {}
         for spec in option_fields(method_named(name).options):
-            flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
-            value = getattr(args, _method_option_dest(flag), None)
+            value = getattr(args, _method_option_dest(_flag_of(spec)), None)
             if value is not None:
                 given[spec.name] = value
         if given:

@@ -376,11 +376,11 @@ def swap_search(
     def spent() -> bool:  # the search's own evaluations (not those of the greedy search before it)
         return max_evaluations is not None and trace.evaluations - first >= max_evaluations
 
-    def save(scanned: int) -> None:
+    def save(position: int) -> None:  # position: the pairs of the current set's scan already refused
         if on_state:
             on_state({"current": units_to_json(current), "start_distance": start_distance, "accepted": accepted,
                       "first_evaluation": first, "last_swap": units_to_json(last_swap) if last_swap else None,
-                      "scanned": scanned, "trace": trace.to_state()})
+                      "scanned": position, "trace": trace.to_state()})
 
     improved = True
     while improved and not spent():
@@ -403,12 +403,12 @@ def swap_search(
                 accepted += 1
                 trace.improved(distance)
                 scorer.keep_recent([current])
-                save(scanned=0)
+                save(position=0)
                 improved = True
                 break
             refused += 1
             if refused % save_every == 0:
-                save(scanned=index + 1)
+                save(position=index + 1)
         scanned = 0
     return SetResult(current, distance, start_distance, trace, accepted)
 

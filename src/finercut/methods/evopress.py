@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from finercut.errors import ConfigError
 from finercut.methods.base import DISTANCE, SEARCH, CompareEntry, Method, Selecting, option
 from finercut.methods.setsearch import (SearchRun, check_set_search, read_start, set_scorer, set_steps, start_admits,
-                                        start_units)
+                                        start_option, start_units)
 from finercut.search import Step
 from finercut.set_search import equal_quotas, evopress_search, kind_counts, meet_quotas
 
@@ -36,8 +36,7 @@ class EvoPressOptions:
                                          help="stop once this many set evaluations are spent (default: no limit)")
     free_counts: bool = option(False, flag="--free-counts",
                                help="let mutations switch between attention and FFN (default: equal counts)")
-    start: str | None = option(None, flag="--start", help="a run folder whose removals are the start set "
-                                                          "(default: the greedy search's at the same count)")
+    start: str | None = start_option()
 
 
 class EvoPress(Method):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from finercut.candidates import Unit
 from finercut.errors import ConfigError
-from finercut.methods.base import Selecting
+from finercut.methods.base import Selecting, option
 from finercut.search import Step
 from finercut.set_search import BeamResult, SearchTrace, Window, beam_search, make_window, sorted_units
 
@@ -55,6 +55,12 @@ def check_set_search(config: Any) -> None:
 def window_of(request: Selecting) -> Window:
     config = request.config
     return make_window(request.units, config.window_until_ratio, config.first_candidate_block(request.num_blocks))
+
+
+def start_option() -> Any:
+    """The ``--start RUN`` option field that swap and EvoPress share."""
+    return option(None, flag="--start", help="start from this finished run's removal set instead of running the "
+                                             "greedy search first (default: greedy's set at the same count)")
 
 
 def read_start(folder: str, config) -> tuple[list[Unit], int]:

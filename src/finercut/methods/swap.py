@@ -15,16 +15,14 @@ from dataclasses import dataclass
 
 from finercut.methods.base import DISTANCE, SEARCH, CompareEntry, Method, Selecting, option
 from finercut.methods.setsearch import (SearchRun, check_set_search, read_start, set_scorer, set_steps, start_admits,
-                                        start_units)
+                                        start_option, start_units)
 from finercut.search import Step
 from finercut.set_search import swap_search
 
 
 @dataclass(frozen=True)
 class SwapOptions:
-    start: str | None = option(None, flag="--start", help="start from this finished run's removal set instead of "
-                                                          "running the greedy search first (default: greedy's set "
-                                                          "at the same count)")
+    start: str | None = start_option()
     max_evaluations: int | None = option(None, flag="--max-evaluations", minimum=1,
                                          help="stop after this many set evaluations of the search itself "
                                               "(default: none; swap stops at a local optimum)")
